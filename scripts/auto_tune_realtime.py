@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""The seed's `auto_tune_realtime.py`: `python scripts/auto_tune_realtime.py --base_cmd train.py ...`."""
+
+import sys
+from pathlib import Path
+
+try:
+    from autotune_rt.cli import realtime_main
+except ImportError:  # run from a checkout without installing: use the package beside this script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from autotune_rt.cli import realtime_main
+
+if __name__ == "__main__":
+    sys.exit(realtime_main())
