@@ -1,0 +1,639 @@
+"""Realtime mode: supervise one training and retune its weights through the control file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from autotune_rt._logging import EventLog, json_safe
+from autotune_rt._process import ChildProcess, ExitStatus
+from autotune_rt.channel import ChannelEvent, ChannelWatcher, ControlFile
+from autotune_rt.console import Console, format_weights
+from autotune_rt.engine import Decision, TuningEngine
+from autotune_rt.exceptions import AutotuneError, ChannelError
+from autotune_rt.parse import EpochMetrics, LineParser
+from autotune_rt.settings import Settings, default_run_dir
+from autotune_rt.space import SearchSpace, Weights, load_search_space
+from autotune_rt.tracker import MetricTracker, Observation
+from autotune_rt.trigger import Trigger
+from autotune_rt.tuner import AdaptiveTuner, AutoTuner, load_tuner_class
+
+__all__ = ["ChildRun", "RunOutcome", "Supervisor", "build_engine", "new_run_id"]
+
+# Signals the supervisor forwards to the training's process group.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def new_run_id() -> str:
+    """A short random id that ties events, control file and summary together."""
+    return uuid.uuid4().hex[:12]
+
+
+def build_engine(settings: Settings, tuner: AutoTuner | None = None) -> TuningEngine:
+    """Wire tracker, trigger and tuner from *settings* (the same for both modes)."""
+    if tuner is None:
+        space = load_search_space(settings.search_space) if settings.search_space else None
+        default_cls: type[AutoTuner] = AdaptiveTuner if settings.mode_name == "realtime" else AutoTuner
+        tuner_cls = load_tuner_class(settings.tuner) if settings.tuner else default_cls
+        tuner = tuner_cls(space, seed=settings.seed)
+    check_space(tuner.search_space, settings.weights)
+    tracker = MetricTracker(
+        settings.metric, settings.mode, min_delta=settings.min_delta, relative=settings.relative_delta
+    )
+    trigger = Trigger(
+        min_epochs=settings.min_epochs,
+        patience=settings.patience,
+        cooldown=settings.cooldown,
+        max_adjustments=settings.max_adjustments,
+    )
+    return TuningEngine(
+        tracker, trigger, tuner, dict(settings.weights), names=settings.names, thresholds=settings.thresholds
+    )
+
+
+def check_space(space: SearchSpace, weights: Weights) -> None:
+    """Raise ConfigError when an initial weight lies outside its grid."""
+    space.check_initial(weights)
+
+
+@dataclass
+class RunOutcome:
+    """What one supervised child run produced."""
+
+    status: ExitStatus
+    engine: TuningEngine
+    interrupted_by: str | None
+    last_lines: list[str]
+    epochs_parsed: int
+    stopped_early: bool = False
+
+
+@dataclass
+class _SignalState:
+    received: list[str] = field(default_factory=list)
+    stopping: asyncio.Future[ExitStatus] | None = None
+    killing: asyncio.Future[ExitStatus] | None = None
+
+
+class ChildRun:
+    """Run one training child: stream its output into the engine, watch its health, stop it cleanly.
+
+    Realtime and batch mode both run their children through this class; they differ only
+    in what they do with a :class:`Decision` (``on_decision``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        command: list[str],
+        engine: TuningEngine,
+        events: EventLog,
+        console: Console,
+        *,
+        log_path: Path,
+        env: dict[str, str],
+        on_decision: Callable[[Decision], None],
+        on_epoch: Callable[[EpochMetrics], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        stdout: BinaryIO | None = None,
+        stderr: BinaryIO | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.events = events
+        self.console = console
+        self.on_decision = on_decision
+        self.on_epoch = on_epoch
+        self.on_tick = on_tick
+        self.parser = LineParser(key_value=settings.key_value, pattern=settings.metric_regex)
+        self.epochs_parsed = 0
+        self._engine_errors: set[str] = set()
+        self._warned_missing_metric = False
+        self._signals = _SignalState()
+        self._stop_requested = False
+        self._stall_warned = False
+        self._command = list(command)
+        self.child = ChildProcess(
+            command,
+            env=env,
+            log_path=log_path,
+            stdout_sink="terminal" if stdout is None else stdout,
+            stderr_sink="terminal" if stderr is None else stderr,
+            on_line=self._on_line,
+            line_needles=self.parser.needles,
+        )
+
+    # -- output -> parse -> engine ------------------------------------------------------
+    def _on_line(self, stream: str, raw: bytes) -> None:
+        metrics = self.parser.parse(raw)
+        if metrics is None:
+            return
+        try:
+            self._observe(metrics)
+        except Exception as exc:  # the tuner must never block the training's output
+            kind = type(exc).__name__
+            if kind not in self._engine_errors:
+                self._engine_errors.add(kind)
+                self.events.error(
+                    "engine_error", error=f"{kind}: {exc}", line=raw[:300].decode(errors="replace")
+                )
+
+    def _observe(self, metrics: EpochMetrics) -> None:
+        step = self.engine.observe(metrics)
+        observation = step.observation
+        if observation is None:
+            return
+        if not observation.duplicate:
+            self._record_epoch(metrics, observation)
+        if step.decision is not None:
+            self._report_decision(step.decision)
+
+    def _record_epoch(self, metrics: EpochMetrics, observation: Observation) -> None:
+        tracker = self.engine.tracker
+        self.epochs_parsed += 1
+        self.events.info(
+            "epoch",
+            epoch=observation.epoch,
+            metrics=metrics.metrics,
+            metric=tracker.metric,
+            value=observation.value,
+            improved=observation.improved,
+            best=tracker.best,
+            best_epoch=tracker.best_epoch,
+            since_improvement=tracker.epochs_since_improvement,
+            config_version=self.engine.config_version,
+            restarted=observation.restarted,
+        )
+        self._check_metric_present(metrics)
+        if self.on_epoch is not None:
+            self.on_epoch(metrics)
+
+    def _report_decision(self, decision: Decision) -> None:
+        tracker = self.engine.tracker
+        diagnosis = decision.diagnosis
+        self.events.info(
+            "trigger",
+            epoch=decision.epoch,
+            since_improvement=tracker.epochs_since_improvement,
+            best=tracker.best,
+            best_epoch=tracker.best_epoch,
+        )
+        self.events.info(
+            "diagnosis",
+            epoch=decision.epoch,
+            problem=diagnosis.problem,
+            evidence=diagnosis.evidence,
+            missing=list(diagnosis.missing),
+        )
+        self.console.say("stagnation")
+        evidence = ", ".join(f"{k}={v:.4g}" for k, v in diagnosis.evidence.items())
+        self.console.say("diagnosis", epoch=decision.epoch, problem=diagnosis.problem, evidence=evidence)
+        self.on_decision(decision)
+
+    def _check_metric_present(self, metrics: EpochMetrics) -> None:
+        wanted = self.settings.metric
+        if wanted is None or self._warned_missing_metric or wanted in metrics.metrics:
+            return
+        self._warned_missing_metric = True
+        available = ", ".join(sorted(metrics.metrics))
+        self.events.warning("metric_missing", metric=wanted, available=sorted(metrics.metrics))
+        self.console.say("metric_missing", metric=wanted, available=available)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def run(self) -> RunOutcome:
+        """Start the child, supervise it to the end, and return what happened."""
+        loop = asyncio.get_running_loop()
+        await self.child.start()
+        self.events.info("child_started", pid=self.child.pid, command=self.child_command)
+        installed: list[int] = []
+        for sig in FORWARDED_SIGNALS:
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+        health = asyncio.create_task(self._health_loop())
+        try:
+            status = await self.child.wait()
+            if self._signals.stopping is not None:
+                status = await self._signals.stopping
+        finally:
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+        interrupted = self._signals.received[0] if self._signals.received else None
+        self.events.info(
+            "child_exited",
+            pid=self.child.pid,
+            returncode=status.returncode,
+            exit_code=status.exit_code,
+            signal=status.signal_name,
+            description=status.describe(),
+            epochs=self.epochs_parsed,
+            dropped_terminal_bytes=self.child.dropped_terminal_bytes,
+            last_lines=self.child.last_lines(20) if status.exit_code != 0 else [],
+        )
+        self.console.say("child_exited", description=status.describe())
+        return RunOutcome(
+            status=status,
+            engine=self.engine,
+            interrupted_by=interrupted,
+            last_lines=self.child.last_lines(20),
+            epochs_parsed=self.epochs_parsed,
+            stopped_early=self._stop_requested,
+        )
+
+    @property
+    def child_command(self) -> list[str]:
+        """The command line the child runs."""
+        return list(self._command)
+
+    def request_stop(self) -> None:
+        """Stop the child gracefully (batch ``--stop_on_stagnation``)."""
+        if self._signals.stopping is None:
+            self._stop_requested = True
+            self._signals.stopping = asyncio.ensure_future(
+                self.child.terminate(self.settings.grace_period, signal.SIGTERM)
+            )
+
+    def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        first = not self._signals.received
+        self._signals.received.append(name)
+        self.events.warning("signal_received", signal=name, first=first)
+        if first:
+            self.console.say("signal", signal=name, grace=self.settings.grace_period)
+            if self._signals.stopping is None:
+                self._signals.stopping = asyncio.ensure_future(
+                    self.child.terminate(self.settings.grace_period, sig)
+                )
+        elif sig == signal.SIGINT:  # a second Ctrl-C: do not wait for the grace period
+            self.events.warning("kill_now", reason="second SIGINT")
+            self._signals.killing = asyncio.ensure_future(self.child.kill_now())
+
+    async def _health_loop(self) -> None:
+        interval = self.settings.check_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self._health_check()
+            except Exception as exc:  # health checks are advisory; never stop supervision
+                self.events.error("health_error", error=f"{type(exc).__name__}: {exc}")
+
+    def _health_check(self) -> None:
+        stats = self.child.tree_stats()
+        if stats is not None:
+            self.events.info(
+                "health",
+                cpu_percent=round(stats.cpu_percent, 1),
+                rss=stats.rss,
+                nprocs=stats.nprocs,
+                bytes_out=self.child.bytes_out,
+                lines_out=self.child.lines_out,
+            )
+        silent = time.monotonic() - self.child.last_output_at
+        if silent >= self.settings.stall_timeout:
+            if not self._stall_warned:
+                self._stall_warned = True
+                self.events.warning("child_stalled", silent_seconds=round(silent, 1))
+                self.console.say("stalled", seconds=silent)
+        else:
+            self._stall_warned = False
+        if self.on_tick is not None:
+            self.on_tick()
+
+
+@dataclass
+class _Version:
+    """One control-file version and what became of it."""
+
+    version: int
+    weights: Weights
+    reason: str
+    written_epoch: int | None
+    written_at: float
+    applied_epoch: int | None = None
+    latency: float | None = None
+    warned: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "weights": self.weights,
+            "reason": self.reason,
+            "written_epoch": self.written_epoch,
+            "applied_epoch": self.applied_epoch,
+            "latency_s": None if self.latency is None else round(self.latency, 4),
+        }
+
+
+class Supervisor:
+    """Realtime mode: one training run whose weights change through the control file.
+
+    Template: :meth:`run` = startup (run dir, log, lock, initial weights) -> supervise the
+    child -> shutdown (summary). Subclasses may override :meth:`handle_decision`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        console: Console | None = None,
+        stdout: BinaryIO | None = None,
+        stderr: BinaryIO | None = None,
+        tuner: AutoTuner | None = None,
+    ) -> None:
+        self.settings = settings
+        self.console = console or Console(settings.lang)
+        self.run_id = new_run_id()
+        self.run_dir = settings.run_dir or default_run_dir("realtime")
+        self.engine = build_engine(settings, tuner)
+        self.control = ControlFile(settings.config_file, self.run_id)
+        self.versions: list[_Version] = []
+        self._stdout = stdout
+        self._stderr = stderr
+        self._warned_unacked = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.events: EventLog | None = None
+        self.child_run: ChildRun | None = None
+
+    # -- startup ------------------------------------------------------------------------
+    async def run(self) -> int:
+        """Supervise the training to its end; return the exit code to use."""
+        self._loop = asyncio.get_running_loop()
+        self.control.acquire()  # LockHeldError / ChannelError before anything else happens
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.events = EventLog(self.run_dir / "events.jsonl", self.run_id)
+            return await self._run_with_log(self.events)
+        finally:
+            self.control.release()
+            if self.events is not None:
+                self.events.close()
+
+    async def _run_with_log(self, events: EventLog) -> int:
+        settings = self.settings
+        events.info(
+            "run_started",
+            mode="realtime",
+            pid=os.getpid(),
+            run_dir=str(self.run_dir),
+            settings=settings.to_dict(),
+        )
+        self.console.say("run_dir", run_dir=self.run_dir)
+        self._write(self.engine.weights, reason="initial", epoch=None)
+        self.console.say("config_file", path=self.control.path, version=self.control.version)
+        self.console.say("command", command=" ".join(settings.command))
+        env = dict(os.environ)
+        env.update(
+            {
+                "AUTOTUNE_CONFIG_FILE": str(self.control.path),
+                "PYTHONUNBUFFERED": "1",
+                "AUTOTUNE_RUN_ID": self.run_id,
+            }
+        )
+        self.child_run = ChildRun(
+            settings,
+            settings.command,
+            self.engine,
+            events,
+            self.console,
+            log_path=self.run_dir / "train.log",
+            env=env,
+            on_decision=self.handle_decision,
+            on_epoch=self._on_epoch,
+            on_tick=self._on_tick,
+            stdout=self._stdout,
+            stderr=self._stderr,
+        )
+        watcher = ChannelWatcher(self.control, self._on_channel_event_threadsafe)
+        watching = False
+        try:
+            watcher.start()
+            watching = True
+        except Exception as exc:  # watchdog unavailable: the health check still polls
+            events.warning("watcher_unavailable", error=f"{type(exc).__name__}: {exc}")
+        try:
+            outcome = await self.child_run.run()
+        finally:
+            if watching:
+                watcher.stop()
+        self._poll_ack()
+        tracker = self.engine.tracker
+        best = "n/a" if tracker.best is None else f"{tracker.best:.4f}"
+        self.console.say("finished", best=best)
+        summary = self._summary(outcome)
+        summary_path = self.run_dir / "summary.json"
+        summary_path.write_text(json.dumps(json_safe(summary), indent=2, ensure_ascii=False) + "\n")
+        events.info(
+            "run_finished",
+            exit_code=outcome.status.exit_code,
+            best=tracker.best,
+            best_epoch=tracker.best_epoch,
+            versions=len(self.versions),
+            summary=str(summary_path),
+        )
+        self.console.say("summary", path=summary_path)
+        return outcome.status.exit_code
+
+    # -- decisions ----------------------------------------------------------------------
+    def handle_decision(self, decision: Decision) -> None:
+        """Write the decision's weights to the control file (override to do more)."""
+        adjustment = decision.adjustment
+        self._write(
+            adjustment.weights,
+            reason=adjustment.reason,
+            epoch=decision.epoch,
+            previous=adjustment.previous,
+            note=adjustment.note,
+        )
+        self.console.say("new_config", weights=format_weights(adjustment.weights))
+
+    def _write(
+        self,
+        weights: Weights,
+        *,
+        reason: str,
+        epoch: int | None,
+        previous: Weights | None = None,
+        note: str | None = None,
+    ) -> None:
+        assert self.events is not None
+        try:
+            config = self.control.write(weights, reason=reason, epoch=epoch)
+        except ChannelError as exc:
+            self.events.error("config_write_failed", error=str(exc), reason=reason, weights=weights)
+            self.console.say("write_failed", error=exc)
+            return
+        self.engine.config_version = config.version
+        self.versions.append(_Version(config.version, dict(weights), reason, epoch, time.time()))
+        self.events.info(
+            "config_written",
+            version=config.version,
+            reason=reason,
+            epoch=epoch,
+            old=previous,
+            new=dict(weights),
+            note=note,
+            path=str(self.control.path),
+        )
+
+    # -- acknowledgements, manual edits, deletions -----------------------------------------
+    def _on_channel_event_threadsafe(self, event: ChannelEvent) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._on_channel_event, event)
+
+    def _on_channel_event(self, event: ChannelEvent) -> None:
+        assert self.events is not None
+        if event.kind == "ack":
+            self._poll_ack()
+        elif event.kind == "deleted":
+            self._restore()
+        elif event.kind == "manual_edit" and event.config is not None:
+            new = {
+                k: v
+                for k, v in event.config.model_dump().items()
+                if k in self.engine.weights and isinstance(v, float)
+            }
+            old = dict(self.engine.weights)
+            self.engine.weights.update(new)
+            self.engine.config_version = event.config.version
+            self.versions.append(
+                _Version(
+                    event.config.version,
+                    dict(self.engine.weights),
+                    "manual_override",
+                    self.engine.tracker.last_epoch,
+                    time.time(),
+                )
+            )
+            self.events.warning(
+                "manual_override", old=old, new=dict(self.engine.weights), version=event.config.version
+            )
+            self.console.say("manual_override", weights=format_weights(self.engine.weights))
+
+    def _restore(self) -> None:
+        assert self.events is not None
+        try:
+            restored = self.control.restore_if_missing()
+        except ChannelError as exc:
+            self.events.error("config_restore_failed", error=str(exc))
+            return
+        if restored:
+            self.events.warning("config_restored", version=self.control.version, path=str(self.control.path))
+            self.console.say("config_restored", path=self.control.path, version=self.control.version)
+
+    def _poll_ack(self) -> None:
+        assert self.events is not None
+        ack = self.control.read_ack()
+        if ack is None or ack.version is None or ack.time is None:
+            return
+        for entry in self.versions:
+            if entry.version == ack.version and entry.applied_epoch is None and entry.latency is None:
+                entry.applied_epoch = ack.epoch
+                entry.latency = max(0.0, ack.time - entry.written_at)
+                self.events.info(
+                    "config_applied",
+                    version=ack.version,
+                    epoch=ack.epoch,
+                    latency_s=round(entry.latency, 4),
+                    pid=ack.pid,
+                )
+                if entry.reason != "initial":
+                    self.console.say(
+                        "config_applied", version=ack.version, epoch=ack.epoch, latency=entry.latency
+                    )
+
+    def _on_epoch(self, metrics: EpochMetrics) -> None:
+        self._poll_ack()
+        last_epoch = self.engine.tracker.last_epoch
+        if self._warned_unacked or last_epoch is None or not self.versions:
+            return
+        for entry in self.versions:
+            if entry.latency is not None or entry.reason == "manual_override":
+                continue
+            since = last_epoch - (entry.written_epoch if entry.written_epoch is not None else -1)
+            if since > self.settings.ack_epochs:
+                self._warned_unacked = True
+                assert self.events is not None
+                self.events.warning(
+                    "config_not_acknowledged",
+                    version=entry.version,
+                    epochs=since - 1,
+                    path=str(self.control.path),
+                )
+                self.console.say(
+                    "not_acknowledged", path=self.control.path, version=entry.version, epochs=since - 1
+                )
+                return
+
+    def _on_tick(self) -> None:
+        self._restore()
+        self._poll_ack()
+
+    # -- shutdown -----------------------------------------------------------------------
+    def _summary(self, outcome: RunOutcome) -> dict[str, Any]:
+        tracker = self.engine.tracker
+        versions = []
+        for entry in self.versions:
+            data = entry.to_dict()
+            # A restart from a checkpoint can give one version several spans: list them all.
+            data["epochs"] = [
+                [span.first_epoch, span.last_epoch]
+                for span in tracker.version_spans
+                if span.version == entry.version
+            ]
+            versions.append(data)
+        return {
+            "run_id": self.run_id,
+            "mode": "realtime",
+            "command": self.settings.command,
+            "metric": tracker.metric,
+            "mode_direction": tracker.mode,
+            "best_metric": tracker.best,
+            "best_epoch": tracker.best_epoch,
+            "epochs": outcome.epochs_parsed,
+            "last_epoch": tracker.last_epoch,
+            "final_weights": self.engine.weights,
+            "versions": versions,
+            "decisions": [
+                {
+                    "epoch": d.epoch,
+                    "problem": d.diagnosis.problem,
+                    "evidence": d.diagnosis.evidence,
+                    "old": d.adjustment.previous,
+                    "new": d.adjustment.weights,
+                    "note": d.adjustment.note,
+                }
+                for d in self.engine.decisions
+            ],
+            "exit_code": outcome.status.exit_code,
+            "exit": outcome.status.describe(),
+            "signal": outcome.status.signal_name,
+            "interrupted_by": outcome.interrupted_by,
+            "last_lines": outcome.last_lines if outcome.status.exit_code != 0 else [],
+            "latest_metrics": tracker.latest,
+            "config_file": str(self.control.path),
+            "run_dir": str(self.run_dir),
+        }
+
+
+def run_realtime(settings: Settings, **kwargs: Any) -> int:
+    """Run realtime mode to the end (blocking); return the exit code."""
+    supervisor = Supervisor(settings, **kwargs)
+    return asyncio.run(supervisor.run())
+
+
+_ = (math, AutotuneError)
