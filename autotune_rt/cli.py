@@ -273,14 +273,17 @@ def _tuning_options(parser: argparse.ArgumentParser, mode: str) -> None:
         _add(
             sup, "write_config", action="store_true", help="also write each trial's weights to --config_file"
         )
-        _add(
-            sup,
-            "resume",
-            type=Path,
-            default=None,
-            metavar="RUN_DIR",
-            help="continue an interrupted batch in RUN_DIR without rerunning finished trials",
-        )
+    _add(
+        sup,
+        "resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted batch in RUN_DIR without rerunning finished trials"
+        if mode == "batch"
+        else "continue the events log, weights and control-file versions of a supervisor that died, "
+        "in RUN_DIR (see docs/reliability.md)",
+    )
     parser.add_argument(
         "command",
         nargs="*",
@@ -401,7 +404,7 @@ def parse_settings(mode: str, argv: Sequence[str], prog: str) -> Settings:
         key_value=ns.key_value,
         metric_regex=ns.metric_regex,
         stop_on_stagnation=getattr(ns, "stop_on_stagnation", False),
-        resume=getattr(ns, "resume", None),
+        resume=ns.resume,
         max_grad_norm_set=ns.max_grad_norm is not None,
     )
     settings.validate()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import signal
 import time
@@ -20,7 +19,7 @@ from autotune_rt._process import ChildProcess, ExitStatus
 from autotune_rt.channel import ChannelEvent, ChannelWatcher, ControlFile
 from autotune_rt.console import Console, format_weights
 from autotune_rt.engine import Decision, TuningEngine
-from autotune_rt.exceptions import AutotuneError, ChannelError
+from autotune_rt.exceptions import ChannelError, ConfigError
 from autotune_rt.parse import EpochMetrics, LineParser
 from autotune_rt.settings import Settings, default_run_dir
 from autotune_rt.space import SearchSpace, Weights, load_search_space
@@ -355,10 +354,18 @@ class Supervisor:
     ) -> None:
         self.settings = settings
         self.console = console or Console(settings.lang)
-        self.run_id = new_run_id()
-        self.run_dir = settings.run_dir or default_run_dir("realtime")
         self.engine = build_engine(settings, tuner)
+        self.recovered: Recovered | None = None
+        if settings.resume is not None:
+            self.recovered = recover(settings.resume)
+            self.run_id, self.run_dir = self.recovered.run_id, settings.resume
+            self.recovered.restore(self.engine)
+        else:
+            self.run_id = new_run_id()
+            self.run_dir = settings.run_dir or default_run_dir("realtime")
         self.control = ControlFile(settings.config_file, self.run_id)
+        if self.recovered is not None:
+            self.control.version = self.recovered.version  # the sequence goes on, never backwards
         self.versions: list[_Version] = []
         self._stdout = stdout
         self._stderr = stderr
@@ -391,7 +398,9 @@ class Supervisor:
             settings=settings.to_dict(),
         )
         self.console.say("run_dir", run_dir=self.run_dir)
-        self._write(self.engine.weights, reason="initial", epoch=None)
+        if self.recovered is not None:
+            events.info("run_resumed", **self.recovered.to_dict())
+        self._write(self.engine.weights, reason="initial" if self.recovered is None else "resume", epoch=None)
         self.console.say("config_file", path=self.control.path, version=self.control.version)
         self.console.say("command", command=" ".join(settings.command))
         env = dict(os.environ)
@@ -432,6 +441,7 @@ class Supervisor:
         tracker = self.engine.tracker
         best = "n/a" if tracker.best is None else f"{tracker.best:.4f}"
         self.console.say("finished", best=best)
+        self._retire_control_file()
         summary = self._summary(outcome)
         summary_path = self.run_dir / "summary.json"
         summary_path.write_text(json.dumps(json_safe(summary), indent=2, ensure_ascii=False) + "\n")
@@ -445,6 +455,25 @@ class Supervisor:
         )
         self.console.say("summary", path=summary_path)
         return outcome.status.exit_code
+
+    def _retire_control_file(self) -> None:
+        """Move the final weights from the control file into the run directory.
+
+        A control file left behind in /tmp would be applied by the next training that uses
+        the seed's snippet, even one started without autotune-rt.
+        """
+        assert self.events is not None
+        final = self.control.last_written
+        if final is not None:
+            (self.run_dir / "final_config.json").write_text(final.model_dump_json(indent=2) + "\n")
+        for path in (self.control.path, self.control.ack_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.events.info(
+            "config_file_removed",
+            path=str(self.control.path),
+            final_config=str(self.run_dir / "final_config.json"),
+        )
 
     # -- decisions ----------------------------------------------------------------------
     def handle_decision(self, decision: Decision) -> None:
@@ -630,10 +659,87 @@ class Supervisor:
         }
 
 
+@dataclass
+class Recovered:
+    """What a resumed supervisor takes over from the events log of the one that died."""
+
+    run_id: str
+    version: int
+    weights: Weights
+    metric: str | None
+    best: float | None
+    best_epoch: int | None
+    last_epoch: int | None
+    decisions: int
+    events: int
+
+    def restore(self, engine: TuningEngine) -> None:
+        """Put the recovered weights and best value back into a fresh engine."""
+        engine.weights = {**engine.weights, **self.weights}
+        tracker = engine.tracker
+        if self.metric is not None and tracker.metric is None:
+            tracker.metric = self.metric
+        tracker.best, tracker.best_epoch = self.best, self.best_epoch
+        engine.trigger.adjustments = self.decisions
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "run_id"}
+
+
+def recover(run_dir: Path) -> Recovered:
+    """Read back run id, weights, version, best metric and decisions from ``events.jsonl``.
+
+    Raises:
+        ConfigError: *run_dir* has no readable events log of a realtime run.
+    """
+    path = run_dir / "events.jsonl"
+    found: dict[str, Any] = {
+        "run_id": None,
+        "version": 0,
+        "weights": {},
+        "metric": None,
+        "best": None,
+        "best_epoch": None,
+        "last_epoch": None,
+        "decisions": 0,
+        "events": 0,
+    }
+    try:
+        handle = path.open(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot resume from {run_dir}: {exc.strerror or exc}; pass the run directory "
+            f"of the interrupted realtime run"
+        ) from None
+    with handle:
+        for line in handle:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line torn by the kill: skip it
+            found["events"] += 1
+            found["run_id"] = found["run_id"] or event.get("run_id")
+            kind = event.get("event")
+            if kind in ("config_written", "manual_override") and isinstance(event.get("new"), dict):
+                found["version"] = max(found["version"], int(event.get("version") or 0))
+                found["weights"] = event["new"]
+            elif kind == "epoch":
+                found.update(
+                    metric=event.get("metric"),
+                    best=event.get("best"),
+                    best_epoch=event.get("best_epoch"),
+                    last_epoch=event.get("epoch"),
+                )
+            elif kind == "diagnosis":
+                found["decisions"] += 1
+    if not found["run_id"]:
+        raise ConfigError(f"cannot resume from {run_dir}: {path.name} holds no autotune-rt events")
+    if isinstance(found["best"], str):  # a non-finite best was logged as a string
+        found["best"] = None
+    return Recovered(**found)
+
+
 def run_realtime(settings: Settings, **kwargs: Any) -> int:
     """Run realtime mode to the end (blocking); return the exit code."""
     supervisor = Supervisor(settings, **kwargs)
     return asyncio.run(supervisor.run())
-
-
-_ = (math, AutotuneError)
