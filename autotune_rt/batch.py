@@ -240,6 +240,7 @@ class BatchRunner:
             on_decision=self._on_decision,
             stdout=self._stdout,
             stderr=self._stderr,
+            label=f"trial {number}/{total}: ",
         )
         self._current = run
         started = time.monotonic()

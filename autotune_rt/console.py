@@ -88,6 +88,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "Pass --metric <one of them>",
         "zh": "训练输出中没有指标 {metric!r}；可用指标: {available}。请使用 --metric 指定其中之一",
     },
+    "progress": {
+        "en": "{label}epoch {done}/{total}, about {left} left",
+        "zh": "{label}第 {done}/{total} 轮，预计还需 {left}",
+    },
     "summary": {"en": "Summary: {path}", "zh": "总结: {path}"},
 }
 

@@ -65,6 +65,25 @@ def check_space(space: SearchSpace, weights: Weights) -> None:
     space.check_initial(weights)
 
 
+def total_epochs(command: list[str]) -> int | None:
+    """The training's epoch count when its command line says it (``--epochs N``)."""
+    for i, arg in enumerate(command):
+        value = None
+        if arg == "--epochs" and i + 1 < len(command):
+            value = command[i + 1]
+        elif arg.startswith("--epochs="):
+            value = arg.split("=", 1)[1]
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 @dataclass
 class RunOutcome:
     """What one supervised child run produced."""
@@ -104,6 +123,7 @@ class ChildRun:
         on_decision: Callable[[Decision], None],
         on_epoch: Callable[[EpochMetrics], None] | None = None,
         on_tick: Callable[[], None] | None = None,
+        label: str = "",
         stdout: BinaryIO | None = None,
         stderr: BinaryIO | None = None,
     ) -> None:
@@ -114,6 +134,9 @@ class ChildRun:
         self.on_decision = on_decision
         self.on_epoch = on_epoch
         self.on_tick = on_tick
+        self.label = label
+        self.total_epochs = total_epochs(command)
+        self._started = time.monotonic()
         self.parser = LineParser(key_value=settings.key_value, pattern=settings.metric_regex)
         self.epochs_parsed = 0
         self._engine_errors: set[str] = set()
@@ -308,8 +331,19 @@ class ChildRun:
                 self.console.say("stalled", seconds=silent)
         else:
             self._stall_warned = False
+        self._report_progress()
         if self.on_tick is not None:
             self.on_tick()
+
+    def _report_progress(self) -> None:
+        """Epoch e/E and the time left, when the command says how many epochs it runs."""
+        done, total = self.epochs_parsed, self.total_epochs
+        if not total or not done:
+            return
+        elapsed = time.monotonic() - self._started
+        left = elapsed / done * max(total - done, 0)
+        self.events.info("progress", epoch=done, epochs=total, elapsed_s=round(elapsed), left_s=round(left))
+        self.console.say("progress", label=self.label, done=done, total=total, left=_duration(left))
 
 
 @dataclass
