@@ -162,7 +162,9 @@ READER = textwrap.dedent(
     path, stop = sys.argv[1], sys.argv[2]
     keys = ("lambda_dol", "lambda_col", "lambda_hier", "lambda_scl", "version")
     reads = bad = missing = backwards = last = 0
-    while not os.path.exists(stop):
+    done = False
+    while not done:
+        done = os.path.exists(stop)  # one more read after the writer stopped: the last version
         try:
             with open(path) as f:
                 doc = json.load(f)
