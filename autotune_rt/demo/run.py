@@ -19,11 +19,19 @@ __all__ = ["demo_command", "demo_main"]
 # plateau in the poor_tail regime and for the tuner's changes to show.
 REALTIME_EPOCHS = 60
 BATCH_EPOCHS = 30
+# An epoch of the demo takes a few milliseconds; pacing it lets a person watch the tuner
+# react (about 50 s for the realtime demo).
+REALTIME_EPOCH_TIME = 0.8
+BATCH_EPOCH_TIME = 0.1
 
 
-def demo_command(epochs: int, seed: int, *, reload: bool = True, extra: Sequence[str] = ()) -> list[str]:
+def demo_command(
+    epochs: int, seed: int, *, reload: bool = True, epoch_time: float = 0.0, extra: Sequence[str] = ()
+) -> list[str]:
     """The demo training's command line (run with this interpreter, as a module)."""
     command = [sys.executable, "-m", "autotune_rt.demo.train", "--epochs", str(epochs), "--seed", str(seed)]
+    if epoch_time:
+        command += ["--epoch_time", str(epoch_time)]
     if not reload:
         command.append("--no_reload")
     return [*command, *extra]
@@ -39,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--epochs", type=int, default=None, help="epochs per training (default: 60, batch: 30)"
     )
+    parser.add_argument(
+        "--epoch_time",
+        type=float,
+        default=None,
+        help=f"seconds each epoch is paced to (default: {REALTIME_EPOCH_TIME}, batch: {BATCH_EPOCH_TIME})",
+    )
     parser.add_argument("--trials", type=int, default=4, help="batch mode: number of trials (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="data and tuner seed (default: 0)")
     parser.add_argument("--run_dir", type=Path, default=None, help="default: ./autotune_runs/<time>-demo")
@@ -52,9 +66,11 @@ def demo_settings(args: argparse.Namespace) -> Settings:
     """Settings for the demo run described by the parsed *args*."""
     mode = "batch" if args.batch else "realtime"
     epochs = args.epochs or (BATCH_EPOCHS if args.batch else REALTIME_EPOCHS)
+    if args.epoch_time is None:
+        args.epoch_time = BATCH_EPOCH_TIME if args.batch else REALTIME_EPOCH_TIME
     run_dir = args.run_dir or default_run_dir(f"demo-{mode}")
     return Settings(
-        command=demo_command(epochs, args.seed, reload=not args.batch),
+        command=demo_command(epochs, args.seed, reload=not args.batch, epoch_time=args.epoch_time),
         weights=dict(DEFAULT_WEIGHTS),
         mode_name=mode,  # type: ignore[arg-type]
         min_epochs=8,
