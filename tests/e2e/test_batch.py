@@ -11,14 +11,47 @@ from typing import Any
 
 from tests.support import REPO, SEED_TRAIN, cli_env, read_events, run_cli, wait_for, write_script
 
-SEED_BATCH = (
-    "--base_cmd train.py --base_args --task ICL --model ResNet1D_MoE --dataset mp20 --use_processed_npy "
-    "--processed_data_dir /opt/data/private/xrd2c_data --dataset_name ccdc_sg "
-    "--rule_matrix_path /opt/data/private/ICL/rule_matrix.csv --device 0 --loss_scheme scheme2 "
-    "--use_contrast_scheme2 --use_adamw --adjust_lr_strategy --epochs 50 "
-    "--lambda_dol 0.5 --lambda_col 0.3 --lambda_hier 1.5 --lambda_scl 0.2 "
-    "--max_trials 5 --min_epochs 10 --patience 5"
-).split()
+SEED_BATCH = [
+    "--base_cmd",
+    "train.py",
+    "--base_args",
+    "--task",
+    "ICL",
+    "--model",
+    "ResNet1D_MoE",
+    "--dataset",
+    "mp20",
+    "--use_processed_npy",
+    "--processed_data_dir",
+    "/opt/data/private/xrd2c_data",
+    "--dataset_name",
+    "ccdc_sg",
+    "--rule_matrix_path",
+    "/opt/data/private/ICL/rule_matrix.csv",
+    "--device",
+    "0",
+    "--loss_scheme",
+    "scheme2",
+    "--use_contrast_scheme2",
+    "--use_adamw",
+    "--adjust_lr_strategy",
+    "--epochs",
+    "50",
+    "--lambda_dol",
+    "0.5",
+    "--lambda_col",
+    "0.3",
+    "--lambda_hier",
+    "1.5",
+    "--lambda_scl",
+    "0.2",
+    "--max_trials",
+    "5",
+    "--min_epochs",
+    "10",
+    "--patience",
+    "5",
+]
 
 # Batch trainings take their weights from the command line only.
 BATCH_ENV = cli_env(SEED_CONFIG_FILE="/nonexistent/autotune-test.json")
@@ -37,7 +70,9 @@ def only_run_dir(cwd: Path) -> Path:
 def test_seed_batch_command_line_verbatim(tmp_path: Path) -> None:
     """The seed's batch command line runs 5 trials and finds the best lambda_col."""
     write_script(tmp_path, "train.py", SEED_TRAIN)
-    result = run_cli([str(REPO / "scripts" / "auto_tune.py"), *SEED_BATCH], tmp_path, timeout=120, env=BATCH_ENV)
+    result = run_cli(
+        [str(REPO / "scripts" / "auto_tune.py"), *SEED_BATCH], tmp_path, timeout=120, env=BATCH_ENV
+    )
     err = result.stderr.decode()
     assert result.returncode == 0, err[-3000:]
     run_dir = only_run_dir(tmp_path)
@@ -66,8 +101,8 @@ def test_seed_batch_command_line_verbatim(tmp_path: Path) -> None:
 
 FAILS_AT_04 = SEED_TRAIN.replace(
     "\nbest = 0.0\n",
-    "\nimport sys\nif args.lambda_col == 0.4 and args.lambda_scl == 0.25:\n    print('CUDA out of memory', flush=True)\n"
-    "    sys.exit(3)\nbest = 0.0\n",
+    "\nimport sys\nif args.lambda_col == 0.4 and args.lambda_scl == 0.25:\n"
+    "    print('CUDA out of memory', flush=True)\n    sys.exit(3)\nbest = 0.0\n",
 )
 assert FAILS_AT_04 != SEED_TRAIN
 
@@ -75,9 +110,28 @@ assert FAILS_AT_04 != SEED_TRAIN
 def test_failed_trial_is_recorded_and_batch_continues(tmp_path: Path) -> None:
     """A trial that exits 3 is recorded with its exit code and last lines; the batch goes on."""
     write_script(tmp_path, "train.py", FAILS_AT_04)
-    result = run_cli(["batch", "--max_trials", "3", "--min_epochs", "5", "--patience", "3", "--seed", "1",
-                      "--run_dir", str(tmp_path / "run"), "--", "python", "train.py", "--epochs", "20"],
-                     tmp_path, env=BATCH_ENV)
+    result = run_cli(
+        [
+            "batch",
+            "--max_trials",
+            "3",
+            "--min_epochs",
+            "5",
+            "--patience",
+            "3",
+            "--seed",
+            "1",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--",
+            "python",
+            "train.py",
+            "--epochs",
+            "20",
+        ],
+        tmp_path,
+        env=BATCH_ENV,
+    )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     trials = summary_of(tmp_path / "run")["trials"]
     assert [t["status"] for t in trials] == ["ok", "failed", "ok"]
@@ -88,9 +142,29 @@ def test_failed_trial_is_recorded_and_batch_continues(tmp_path: Path) -> None:
 def test_stop_on_stagnation_saves_epochs(tmp_path: Path) -> None:
     """--stop_on_stagnation ends a stalled trial early instead of running all its epochs."""
     write_script(tmp_path, "train.py", SEED_TRAIN)
-    result = run_cli(["batch", "--max_trials", "2", "--min_epochs", "5", "--patience", "3",
-                      "--stop_on_stagnation", "--grace_period", "5", "--run_dir", str(tmp_path / "run"),
-                      "--", "python", "train.py", "--epochs", "200"], tmp_path, env=BATCH_ENV)
+    result = run_cli(
+        [
+            "batch",
+            "--max_trials",
+            "2",
+            "--min_epochs",
+            "5",
+            "--patience",
+            "3",
+            "--stop_on_stagnation",
+            "--grace_period",
+            "5",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--",
+            "python",
+            "train.py",
+            "--epochs",
+            "200",
+        ],
+        tmp_path,
+        env=BATCH_ENV,
+    )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     trials = summary_of(tmp_path / "run")["trials"]
     assert all(t["status"] == "stopped_early" for t in trials)
@@ -102,13 +176,20 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     write_script(tmp_path, "train.py", SEED_TRAIN)
     common = ["--max_trials", "4", "--min_epochs", "5", "--patience", "3", "--seed", "11"]
     train = ["--", "python", "train.py", "--epochs", "30", "--epoch_time", "0.05"]
-    full = run_cli(["batch", *common, "--run_dir", str(tmp_path / "full"), *train], tmp_path, env=BATCH_ENV,
-                   timeout=120)
+    full = run_cli(
+        ["batch", *common, "--run_dir", str(tmp_path / "full"), *train], tmp_path, env=BATCH_ENV, timeout=120
+    )
     assert full.returncode == 0, full.stderr.decode()[-3000:]
 
     argv = [sys.executable, "-m", "autotune_rt", "batch", *common, "--run_dir", str(tmp_path / "cut"), *train]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=BATCH_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=BATCH_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
 
     def in_trial_3() -> bool:
         log = tmp_path / "cut" / "trial_003" / "train.log"
@@ -121,8 +202,9 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     partial = summary_of(tmp_path / "cut")
     assert [t["status"] for t in partial["trials"]] == ["ok", "ok", "interrupted"]
 
-    resumed = run_cli(["batch", *common, "--resume", str(tmp_path / "cut"), *train], tmp_path, env=BATCH_ENV,
-                      timeout=120)
+    resumed = run_cli(
+        ["batch", *common, "--resume", str(tmp_path / "cut"), *train], tmp_path, env=BATCH_ENV, timeout=120
+    )
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
 
     def key(summary: dict[str, Any]) -> list[Any]:

@@ -24,14 +24,49 @@ from tests.support import (
     write_script,
 )
 
-SEED_REALTIME = (
-    "--base_cmd train.py --base_args --task ICL --model ResNet1D_MoE --dataset mp20 --use_processed_npy "
-    "--processed_data_dir /opt/data/private/xrd2c_data --dataset_name ccdc_sg "
-    "--rule_matrix_path /opt/data/private/ICL/rule_matrix.csv --device 0 --loss_scheme scheme2 "
-    "--use_contrast_scheme2 --use_adamw --adjust_lr_strategy --epochs 200 "
-    "--lambda_dol 0.5 --lambda_col 0.3 --lambda_hier 1.5 --lambda_scl 0.2 "
-    "--min_epochs 5 --patience 3 --check_interval 30.0 --config_file /tmp/auto_tune_config.json"
-).split()
+SEED_REALTIME = [
+    "--base_cmd",
+    "train.py",
+    "--base_args",
+    "--task",
+    "ICL",
+    "--model",
+    "ResNet1D_MoE",
+    "--dataset",
+    "mp20",
+    "--use_processed_npy",
+    "--processed_data_dir",
+    "/opt/data/private/xrd2c_data",
+    "--dataset_name",
+    "ccdc_sg",
+    "--rule_matrix_path",
+    "/opt/data/private/ICL/rule_matrix.csv",
+    "--device",
+    "0",
+    "--loss_scheme",
+    "scheme2",
+    "--use_contrast_scheme2",
+    "--use_adamw",
+    "--adjust_lr_strategy",
+    "--epochs",
+    "200",
+    "--lambda_dol",
+    "0.5",
+    "--lambda_col",
+    "0.3",
+    "--lambda_hier",
+    "1.5",
+    "--lambda_scl",
+    "0.2",
+    "--min_epochs",
+    "5",
+    "--patience",
+    "3",
+    "--check_interval",
+    "30.0",
+    "--config_file",
+    "/tmp/auto_tune_config.json",
+]
 
 
 def only_run_dir(cwd: Path) -> Path:
@@ -48,8 +83,16 @@ def test_seed_realtime_command_line_verbatim(tmp_path: Path) -> None:
     run_dir = only_run_dir(tmp_path)
     events = read_events(run_dir)
     kinds = [e["event"] for e in events]
-    for needed in ("run_started", "child_started", "epoch", "trigger", "diagnosis", "config_written",
-                   "child_exited", "run_finished"):
+    for needed in (
+        "run_started",
+        "child_started",
+        "epoch",
+        "trigger",
+        "diagnosis",
+        "config_written",
+        "child_exited",
+        "run_finished",
+    ):
         assert needed in kinds, needed
     assert all({"ts", "level", "event", "run_id"} <= e.keys() for e in events)
     diagnosis = next(e for e in events if e["event"] == "diagnosis")
@@ -66,7 +109,7 @@ def test_seed_realtime_command_line_verbatim(tmp_path: Path) -> None:
     assert "New config: lambda_dol=" in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["exit_code"] == 0 and summary["best_metric"] > used[0]
-    assert [v["reason"] for v in summary["versions"]][0] == "initial"
+    assert summary["versions"][0]["reason"] == "initial"
     # The seed snippet never acknowledges: the supervisor warns once, with the one-line fix.
     assert "does not seem to read the control file" in err
     assert (run_dir / "train.log").read_bytes().count(b"Epoch ") == 200
@@ -77,8 +120,22 @@ def test_client_helper_acknowledges_with_latency(tmp_path: Path) -> None:
     write_script(tmp_path, "train.py", CLIENT_TRAIN)
     config = tmp_path / "control.json"
     result = run_cli(
-        ["realtime", "--min_epochs", "5", "--patience", "3", "--config_file", str(config),
-         "--run_dir", str(tmp_path / "run"), "--", "python", "train.py", "--epochs", "60"],
+        [
+            "realtime",
+            "--min_epochs",
+            "5",
+            "--patience",
+            "3",
+            "--config_file",
+            str(config),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--",
+            "python",
+            "train.py",
+            "--epochs",
+            "60",
+        ],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
@@ -96,9 +153,24 @@ def test_chinese_console(tmp_path: Path) -> None:
     """--lang zh prints the seed's Chinese wording."""
     write_script(tmp_path, "train.py", CLIENT_TRAIN)
     result = run_cli(
-        ["realtime", "--lang", "zh", "--min_epochs", "5", "--patience", "3", "--config_file",
-         str(tmp_path / "c.json"), "--run_dir", str(tmp_path / "run"), "--", "python", "train.py",
-         "--epochs", "20"],
+        [
+            "realtime",
+            "--lang",
+            "zh",
+            "--min_epochs",
+            "5",
+            "--patience",
+            "3",
+            "--config_file",
+            str(tmp_path / "c.json"),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--",
+            "python",
+            "train.py",
+            "--epochs",
+            "20",
+        ],
         tmp_path,
     )
     err = result.stderr.decode()
@@ -127,10 +199,28 @@ while True:
 
 def start_supervisor(tmp_path: Path, script: str, *extra: str) -> subprocess.Popen[bytes]:
     write_script(tmp_path, "train.py", script)
-    argv = [sys.executable, "-m", "autotune_rt", "realtime", "--config_file", str(tmp_path / "c.json"),
-            "--run_dir", str(tmp_path / "run"), *extra, "--", "python", "train.py"]
-    return subprocess.Popen(argv, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    argv = [
+        sys.executable,
+        "-m",
+        "autotune_rt",
+        "realtime",
+        "--config_file",
+        str(tmp_path / "c.json"),
+        "--run_dir",
+        str(tmp_path / "run"),
+        *extra,
+        "--",
+        "python",
+        "train.py",
+    ]
+    return subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def child_pid(tmp_path: Path) -> int:
@@ -163,8 +253,11 @@ def test_ctrl_c_leaves_no_grandchildren(tmp_path: Path) -> None:
     """After Ctrl-C (SIGINT) neither the training nor its grandchildren are alive."""
     proc = start_supervisor(tmp_path, GRANDCHILDREN, "--grace_period", "2")
     child_pid(tmp_path)
-    line = wait_for(lambda: [ln for ln in (tmp_path / "run" / "train.log").read_bytes().splitlines()
-                             if ln.startswith(b"pids")])
+    line = wait_for(
+        lambda: [
+            ln for ln in (tmp_path / "run" / "train.log").read_bytes().splitlines() if ln.startswith(b"pids")
+        ]
+    )
     pids = [int(p) for p in line[0].split()[1:]]
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=20)
@@ -178,8 +271,19 @@ def test_child_killed_by_signal_exit_code(tmp_path: Path, sig: int) -> None:
     """A training killed by a signal makes the supervisor exit with 128+N and name the signal."""
     script = f"import os, signal\nprint('bye', flush=True)\nos.kill(os.getpid(), {int(sig)})\n"
     write_script(tmp_path, "train.py", script)
-    result = run_cli(["realtime", "--config_file", str(tmp_path / "c.json"), "--run_dir", str(tmp_path / "run"),
-                      "--", "python", "train.py"], tmp_path)
+    result = run_cli(
+        [
+            "realtime",
+            "--config_file",
+            str(tmp_path / "c.json"),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--",
+            "python",
+            "train.py",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 128 + sig
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["signal"] == signal.Signals(sig).name
@@ -203,9 +307,23 @@ out.write(b"final line without newline")
 def test_hostile_output_passes_through_and_still_tunes(tmp_path: Path) -> None:
     """A 3 MiB line, a long \\r progress bar, invalid UTF-8 and numpy reprs pass through byte for byte."""
     write_script(tmp_path, "train.py", HOSTILE)
-    result = run_cli(["realtime", "--min_epochs", "4", "--patience", "3", "--config_file",
-                      str(tmp_path / "c.json"), "--run_dir", str(tmp_path / "run"), "--", "python", "train.py"],
-                     tmp_path)
+    result = run_cli(
+        [
+            "realtime",
+            "--min_epochs",
+            "4",
+            "--patience",
+            "3",
+            "--config_file",
+            str(tmp_path / "c.json"),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--",
+            "python",
+            "train.py",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     expected = subprocess.run([sys.executable, str(tmp_path / "train.py")], capture_output=True)
     assert result.stdout == expected.stdout
@@ -230,8 +348,9 @@ def test_hostile_output_passes_through_and_still_tunes(tmp_path: Path) -> None:
 def test_bad_options_are_one_line_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     """A bad option is a one-line error naming the problem, exit 2, and nothing is started."""
     write_script(tmp_path, "train.py", "print('started')\n")
-    result = run_cli(["realtime", "--config_file", str(tmp_path / "c.json"), *args, "--", "python", "train.py"],
-                     tmp_path)
+    result = run_cli(
+        ["realtime", "--config_file", str(tmp_path / "c.json"), *args, "--", "python", "train.py"], tmp_path
+    )
     err = result.stderr.decode()
     assert result.returncode == 2, err
     assert message in err
@@ -241,7 +360,9 @@ def test_bad_options_are_one_line_usage_errors(tmp_path: Path, args: list[str], 
 
 def test_missing_training_script_is_exit_2(tmp_path: Path) -> None:
     """A training script that does not exist is a one-line error and exit 2 before anything happens."""
-    result = run_cli(["realtime", "--config_file", str(tmp_path / "c.json"), "--base_cmd", "nope.py"], tmp_path)
+    result = run_cli(
+        ["realtime", "--config_file", str(tmp_path / "c.json"), "--base_cmd", "nope.py"], tmp_path
+    )
     assert result.returncode == 2
     assert "nope.py not found" in result.stderr.decode()
     assert not (tmp_path / "c.json").exists()
@@ -253,8 +374,19 @@ def test_second_supervisor_on_same_control_file_is_refused(tmp_path: Path) -> No
     try:
         child_pid(tmp_path)
         write_script(tmp_path, "other.py", "print('x')\n")
-        result = run_cli(["realtime", "--config_file", str(tmp_path / "c.json"), "--run_dir",
-                          str(tmp_path / "run2"), "--", "python", "other.py"], tmp_path)
+        result = run_cli(
+            [
+                "realtime",
+                "--config_file",
+                str(tmp_path / "c.json"),
+                "--run_dir",
+                str(tmp_path / "run2"),
+                "--",
+                "python",
+                "other.py",
+            ],
+            tmp_path,
+        )
         assert result.returncode == 2
         assert str(proc.pid) in result.stderr.decode()
     finally:
