@@ -261,7 +261,7 @@ def _tuning_options(parser: argparse.ArgumentParser, mode: str) -> None:
         "metric_regex",
         default=None,
         metavar="REGEX",
-        help="also parse lines matching REGEX; named groups become metrics, `epoch` the epoch",
+        help="parse metric lines with REGEX instead: named groups become metrics, `epoch` the epoch",
     )
     if mode == "batch":
         _add(
