@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,3 +129,295 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
             return value
         time.sleep(interval)
     pytest.fail(f"condition not met within {timeout}s")
+
+
+# -- the fault suite: measured CLI processes, events read while a run is live, tmpfs ------------
+
+# Peak memory the supervisor may reach in any fault test: ~40 MiB is its normal size, so only
+# a buffer that grows with the child's output can cross this.
+MEMORY_BOUND = 200 << 20
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a CLI process ended, with its resource usage as the kernel counted it.
+
+    Attributes:
+        returncode: As ``Popen`` reports it: negative means killed by that signal.
+        stdout: What it wrote to its stdout (empty when the test gave it another sink).
+        stderr: What it wrote to its stderr.
+        maxrss: Peak resident memory in bytes of the process, or of its largest waited-for
+            child if that was bigger (``wait4``'s ``ru_maxrss``).
+        cpu_s: User plus system CPU seconds of the process and its waited-for children.
+    """
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    maxrss: int
+    cpu_s: float
+
+
+def realtime_args(
+    tmp_path: Path,
+    *options: str,
+    script: str = "train.py",
+    script_args: Sequence[str] = (),
+    config_file: Path | None = None,
+    run_dir: Path | None = None,
+) -> list[str]:
+    """``realtime`` arguments; control file ``tmp_path/c.json`` and run directory ``tmp_path/run``
+    unless given."""
+    return [
+        "realtime",
+        "--config_file",
+        str(config_file or tmp_path / "c.json"),
+        "--run_dir",
+        str(run_dir or tmp_path / "run"),
+        *options,
+        "--",
+        sys.executable,
+        script,
+        *script_args,
+    ]
+
+
+class CliProcess:
+    """A running ``python -m autotune_rt ...``: reaped with ``wait4``, killed if a test leaves early.
+
+    stdout and stderr go to temporary files unless ``stdout`` names another sink, so a
+    chatty run can never block on a pipe the test is not reading.
+
+    Args:
+        args: The arguments after ``python -m autotune_rt``.
+        cwd: Working directory.
+        env: Environment; ``cli_env()`` by default.
+        stdout: A file object, ``subprocess.PIPE`` or ``subprocess.DEVNULL`` instead of a file.
+        stderr: The same for stderr; ``subprocess.STDOUT`` shares stdout's sink.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        *,
+        env: dict[str, str] | None = None,
+        stdout: Any = None,
+        stderr: Any = None,
+    ) -> None:
+        # Files, not pipes: a test that never reads them cannot make the run block.
+        self._out = tempfile.TemporaryFile() if stdout is None else None  # noqa: SIM115 - closed in close()
+        self._err = tempfile.TemporaryFile() if stderr is None else None  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "autotune_rt", *args],
+            cwd=cwd,
+            env=env or cli_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._out if stdout is None else stdout,
+            stderr=self._err if stderr is None else stderr,
+        )
+        self.pid = self.proc.pid
+        self.finished: Finished | None = None
+
+    def __enter__(self) -> CliProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the supervisor (not its child)."""
+        if self.finished is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 60.0) -> Finished:
+        """Reap the process, polling; fail the test (after killing it) past ``timeout``."""
+        if self.finished is not None:
+            return self.finished
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                self.close()
+                pytest.fail(f"autotune-rt did not exit within {timeout}s")
+            time.sleep(0.02)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits again
+        self.finished = Finished(
+            returncode=self.proc.returncode,
+            stdout=_drain(self._out),
+            stderr=_drain(self._err),
+            maxrss=usage.ru_maxrss * 1024,  # KiB on Linux
+            cpu_s=usage.ru_utime + usage.ru_stime,
+        )
+        return self.finished
+
+    def close(self) -> None:
+        """Kill the supervisor if it still runs (its child follows through PDEATHSIG) and reap it."""
+        if self.finished is None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.wait()
+        for f in (self._out, self._err):
+            if f is not None:
+                f.close()
+
+
+def _drain(f: IO[bytes] | None) -> bytes:
+    if f is None:
+        return b""
+    f.seek(0)
+    return f.read()
+
+
+def run_measured(args: Sequence[str], cwd: Path, *, timeout: float = 60.0, **kwargs: Any) -> Finished:
+    """Run ``python -m autotune_rt <args>`` to its end and return what the kernel measured."""
+    with CliProcess(args, cwd, **kwargs) as cli:
+        return cli.wait(timeout)
+
+
+def events_so_far(run_dir: Path) -> list[dict[str, Any]]:
+    """The events of a live run: a missing log or a line still being written is skipped."""
+    try:
+        text = (run_dir / "events.jsonl").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
+
+
+def wait_event(
+    run_dir: Path, kind: str, where: Callable[[dict[str, Any]], bool] = lambda e: True, timeout: float = 20.0
+) -> dict[str, Any]:
+    """Poll ``events.jsonl`` until an event ``kind`` matching ``where`` is logged; return it."""
+    found: dict[str, Any] = wait_for(
+        lambda: next((e for e in events_so_far(run_dir) if e["event"] == kind and where(e)), None), timeout
+    )
+    return found
+
+
+def wait_log(run_dir: Path, needle: bytes, timeout: float = 20.0) -> bytes:
+    """Poll ``train.log`` until it contains ``needle``; return the log."""
+
+    def read() -> bytes | None:
+        try:
+            data = (run_dir / "train.log").read_bytes()
+        except FileNotFoundError:
+            return None
+        return data if needle in data else None
+
+    log: bytes = wait_for(read, timeout)
+    return log
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped) is not alive."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_leftovers(pids: Iterable[int]) -> None:
+    """SIGKILL whichever of ``pids`` still run: cleanup after a test that found a survivor."""
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def temp_files(directory: Path) -> list[str]:
+    """Temporary files a control-file writer left in ``directory``."""
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(directory: Path, size: str = "64k") -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` under ``directory`` (root only; skips the test otherwise)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = directory / "tmpfs"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mountpoint)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
+
+
+@contextlib.contextmanager
+def memory_dir(fallback: Path) -> Iterator[Path]:
+    """A fresh directory in /dev/shm where there is one (fsync there costs nothing), else ``fallback``."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield fallback
+        return
+    directory = Path(tempfile.mkdtemp(prefix="autotune-test-", dir=shm))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def other_uid() -> int:
+    """A uid that is not ours, for files "owned by another user" (root only; skips otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    return 65534  # nobody
+
+
+# A training that writes given pieces of output, each as one write; before each piece it
+# waits until train.log holds everything written so far, so every piece reaches the
+# supervisor as reads of its own and train.log must equal the pieces joined, in order.
+REPLAY = """
+import os, pickle, sys, time
+pieces_path, log = sys.argv[1], sys.argv[2]
+with open(pieces_path, "rb") as f:
+    pieces = pickle.load(f)
+written = 0
+for stream, data in pieces:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if os.path.getsize(log) >= written:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    out = getattr(sys, stream).buffer
+    out.write(data)
+    out.flush()
+    written += len(data)
+"""
+
+
+def replay_args(tmp_path: Path, pieces: Sequence[tuple[str, bytes]], *options: str) -> list[str]:
+    """``realtime`` arguments for a training that replays ``(stream, bytes)`` pieces in order."""
+    write_script(tmp_path, "train.py", REPLAY)
+    (tmp_path / "pieces.pkl").write_bytes(pickle.dumps(list(pieces)))
+    log = str(tmp_path / "run" / "train.log")
+    return realtime_args(tmp_path, *options, script_args=[str(tmp_path / "pieces.pkl"), log])
+
+
+def joined(pieces: Sequence[tuple[str, bytes]], stream: str | None = None) -> bytes:
+    """The bytes of ``pieces`` (of one stream only, if given) in order."""
+    return b"".join(data for name, data in pieces if stream is None or name == stream)
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Live processes (not zombies) whose command line contains ``marker``, e.g. a tmp_path."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        info = proc.info
+        if info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(info["cmdline"] or ()):
+            found.append(int(info["pid"]))
+    return found
