@@ -11,6 +11,7 @@ import pytest
 
 from autotune_rt.diagnose import Diagnosis, MetricNames, Thresholds
 from autotune_rt.engine import Decision, Step, TuningEngine
+from autotune_rt.exceptions import ConfigError
 from autotune_rt.parse import EpochMetrics, parse_line
 from autotune_rt.space import DEFAULT_WEIGHTS, Weights
 from autotune_rt.tracker import MetricTracker
@@ -230,3 +231,94 @@ def test_seed_output_through_the_real_parser() -> None:
     assert [d.epoch for d in fired] == [9]
     assert fired[0].diagnosis.problem == "poor_tail"
     assert engine.tracker.metric == "acc1"
+
+
+# -- strategies -----------------------------------------------------------------------------
+
+
+def harmful_lines(engine: TuningEngine, epochs: int) -> list[Step]:
+    """Run a training whose acc1 falls as lambda_col rises, applying each change the next epoch."""
+    steps = []
+    running = dict(DEFAULT_WEIGHTS)
+    for epoch in range(epochs):
+        line = EpochMetrics({"acc1": round(0.9 - running["lambda_col"], 4), **POOR_TAIL}, epoch)
+        step = engine.observe(line)
+        steps.append(step)
+        if step.decision is not None:
+            engine.config_version += 1
+            running = dict(step.decision.adjustment.weights)
+    return steps
+
+
+def test_seed_strategy_is_the_default_and_never_judges() -> None:
+    """Without a strategy argument the engine decides as the seed: no verdicts, no rollbacks."""
+    engine = engine_for(Trigger(min_epochs=4, patience=3))
+    assert engine.strategy == "seed" and engine.adaptive is None
+    steps = harmful_lines(engine, 9)
+    assert all(s.verdict is None for s in steps)
+    assert engine.verdicts == []
+    assert [d.kind for d in engine.decisions] == ["adjust", "adjust"]
+    assert engine.weights["lambda_col"] == 0.5  # the seed keeps raising it
+
+
+def test_adaptive_strategy_reports_the_verdict_and_rolls_back() -> None:
+    """With strategy='adaptive' the step that completes the window carries the verdict and a rollback."""
+    engine = engine_for(Trigger(min_epochs=4, patience=3), strategy="adaptive")
+    steps = harmful_lines(engine, 8)
+    judged = [s for s in steps if s.verdict is not None]
+    assert len(judged) == 1
+    step = judged[0]
+    assert step.verdict is not None and step.verdict.outcome == "worse"
+    assert step.decision is not None and step.decision.kind == "rollback"
+    assert step.decision.verdict is step.verdict
+    assert engine.weights == DEFAULT_WEIGHTS
+    assert engine.verdicts == [step.verdict]
+
+
+def test_window_defaults_to_patience_and_can_be_set() -> None:
+    """The evaluation window is the trigger's patience unless given."""
+    default = engine_for(Trigger(min_epochs=4, patience=3), strategy="adaptive")
+    assert default.adaptive is not None and default.adaptive.window == 3
+    short = engine_for(Trigger(min_epochs=4, patience=3), strategy="adaptive", window=1)
+    steps = harmful_lines(short, 6)
+    assert [s.observation.epoch for s in steps if s.verdict is not None and s.observation] == [4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"strategy": "greedy"}, "--strategy"), ({"window": 0}, "window")]
+)
+def test_bad_strategy_arguments_raise_config_error(kwargs: dict[str, Any], match: str) -> None:
+    """An unknown strategy or an empty window is a one-line ConfigError."""
+    with pytest.raises(ConfigError, match=match):
+        engine_for(Trigger(), **kwargs)
+
+
+def test_verdict_survives_a_tuner_error_on_its_line() -> None:
+    """A verdict rendered on a line whose tune() raises is returned with the next line."""
+
+    class Flaky(AdaptiveTuner):
+        fail = False
+
+        def tune(self, diagnosis: Diagnosis, weights: Weights) -> Adjustment:
+            if Flaky.fail:
+                Flaky.fail = False
+                raise RuntimeError("user tuner bug")
+            return super().tune(diagnosis, weights)
+
+    engine = TuningEngine(
+        MetricTracker(),
+        Trigger(min_epochs=2, patience=1),
+        Flaky(seed=1),
+        DEFAULT_WEIGHTS,
+        strategy="adaptive",
+    )
+    flat = [EpochMetrics({"acc1": 0.5, **POOR_TAIL}, e) for e in range(4)]
+    assert engine.observe(flat[0]).decision is None
+    assert engine.observe(flat[1]).decision is not None
+    Flaky.fail = True
+    with pytest.raises(RuntimeError):
+        engine.observe(flat[2])  # completes the 1-epoch window, then the trigger's tune() fails
+    assert len(engine.verdicts) == 1
+    step = engine.observe(flat[3])
+    assert step.verdict is engine.verdicts[0]
+    assert step.decision is not None and step.decision.kind == "adjust"
