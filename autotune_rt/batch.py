@@ -39,6 +39,7 @@ from autotune_rt.engine import Decision
 from autotune_rt.exceptions import ChannelError, ConfigError
 from autotune_rt.settings import Settings, default_run_dir
 from autotune_rt.space import Weights, load_search_space
+from autotune_rt.strategy import judge_trial
 from autotune_rt.supervisor import ChildRun, build_engine, new_run_id
 from autotune_rt.tuner import AutoTuner, load_tuner_class
 
@@ -66,6 +67,8 @@ class Trial:
     final_metrics: dict[str, float] = field(default_factory=dict)
     last_lines: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    # Adaptive strategy: outcome against the best earlier trial, with the evidence.
+    verdict: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -270,6 +273,14 @@ class BatchRunner:
             self.console.say("trial_failed", trial=number, description=reason)
         else:
             trial.status = "ok"
+        reference = self.best_trial()
+        if settings.strategy == "adaptive" and reference is not None and not self.interrupted:
+            trial.verdict = {
+                "outcome": judge_trial(trial.best_metric, reference.best_metric, tracker),
+                "best_metric": trial.best_metric,
+                "reference_trial": reference.number,
+                "reference_best": reference.best_metric,
+            }
         self.trials.append(trial)
         self.events.info(
             "trial_finished",
@@ -279,6 +290,7 @@ class BatchRunner:
             epochs=trial.epochs,
             exit_code=trial.exit_code,
             last_lines=trial.last_lines,
+            verdict=trial.verdict,
         )
         if trial.best_metric is not None:
             self.console.say("finished", best=f"{trial.best_metric:.4f}")
@@ -373,7 +385,7 @@ class BatchRunner:
         assert self.events is not None
         best = self.best_trial()
         table = self._table()
-        print(table, file=self.console_stream(), flush=True)
+        self.console.write(table)
         summary: dict[str, Any] = {
             "run_id": self.run_id,
             "mode": "batch",
@@ -420,12 +432,6 @@ class BatchRunner:
         if self.interrupted:
             return 130
         return 0 if any(t.status in ("ok", "stopped_early") for t in self.trials) else 1
-
-    def console_stream(self) -> Any:
-        """Where the trial table goes (the console's stream)."""
-        import sys
-
-        return sys.stderr
 
     def _table(self) -> str:
         names = list(self.settings.weights)

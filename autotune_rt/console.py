@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-__all__ = ["MESSAGES", "Console", "detect_lang", "format_weights"]
+__all__ = ["MESSAGES", "Console", "detect_lang", "format_weights", "silence"]
 
 # The seed's own lines (seed-usage.zh.md) are the Chinese entries of trial_start, command,
 # stagnation, new_config and finished, word for word.
@@ -93,6 +94,15 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "{label}第 {done}/{total} 轮，预计还需 {left}",
     },
     "summary": {"en": "Summary: {path}", "zh": "总结: {path}"},
+    "verdict": {
+        "en": "Config version {version} judged {outcome}: best {best} in epochs {window} "
+        "(before the change: {previous})",
+        "zh": "配置版本 {version} 评估结果: {outcome}，第 {window} 轮最佳 {best} (调整前: {previous})",
+    },
+    "rollback": {
+        "en": "Config version {version} made things worse; rolling back to the best-known weights: {weights}",
+        "zh": "配置版本 {version} 使结果变差，回滚到已知最佳权重: {weights}",
+    },
 }
 
 
@@ -122,10 +132,28 @@ class Console:
 
     def say(self, key: str, **fields: Any) -> None:
         """Print message *key* formatted with *fields*; a closed stream is ignored."""
-        text = MESSAGES[key][self.lang].format(**fields)
+        self.write(MESSAGES[key][self.lang].format(**fields))
+
+    def write(self, text: str) -> None:
+        """Print *text* and a newline; a closed stream is silenced, never raised."""
         stream = self._stream if self._stream is not None else sys.stderr
         try:
             stream.write(text + "\n")
             stream.flush()
         except (OSError, ValueError):  # a closed terminal must never stop the supervisor
-            pass
+            silence(stream)
+
+
+def silence(stream: TextIO) -> None:
+    """Point a broken stream's file descriptor at /dev/null.
+
+    The text already buffered in the stream would otherwise fail again when Python flushes
+    it at exit, and turn the training's exit code into 120 (the recipe of the Python docs
+    for SIGPIPE).
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)

@@ -55,8 +55,16 @@ def build_engine(settings: Settings, tuner: AutoTuner | None = None) -> TuningEn
         cooldown=settings.cooldown,
         max_adjustments=settings.max_adjustments,
     )
+    # Batch trials never change weights mid-run: their decision only proposes the next trial.
+    strategy = settings.strategy if settings.mode_name == "realtime" else "seed"
     return TuningEngine(
-        tracker, trigger, tuner, dict(settings.weights), names=settings.names, thresholds=settings.thresholds
+        tracker,
+        trigger,
+        tuner,
+        dict(settings.weights),
+        names=settings.names,
+        thresholds=settings.thresholds,
+        strategy=strategy,
     )
 
 
@@ -177,6 +185,21 @@ class ChildRun:
             return
         if not observation.duplicate:
             self._record_epoch(metrics, observation)
+        if step.verdict is not None:
+            verdict = step.verdict
+            self.events.info("verdict", **verdict.to_dict())
+            best, previous = (
+                "n/a" if v is None else f"{v:.4f}" for v in (verdict.window_best, verdict.previous_best)
+            )
+            window = f"{verdict.window[0]}-{verdict.window[1]}"
+            self.console.say(
+                "verdict",
+                version=verdict.version,
+                outcome=verdict.outcome,
+                window=window,
+                best=best,
+                previous=previous,
+            )
         if step.decision is not None:
             self._report_decision(step.decision)
 
@@ -203,6 +226,23 @@ class ChildRun:
     def _report_decision(self, decision: Decision) -> None:
         tracker = self.engine.tracker
         diagnosis = decision.diagnosis
+        if decision.kind == "rollback":
+            verdict = decision.verdict
+            self.events.warning(
+                "rollback",
+                epoch=decision.epoch,
+                version=None if verdict is None else verdict.version,
+                old=decision.adjustment.previous,
+                new=decision.adjustment.weights,
+                evidence=None if verdict is None else verdict.to_dict(),
+            )
+            self.console.say(
+                "rollback",
+                version=None if verdict is None else verdict.version,
+                weights=format_weights(decision.adjustment.weights),
+            )
+            self.on_decision(decision)
+            return
         self.events.info(
             "trigger",
             epoch=decision.epoch,
@@ -607,6 +647,7 @@ class Supervisor:
             if entry.version == ack.version and entry.applied_epoch is None and entry.latency is None:
                 entry.applied_epoch = ack.epoch
                 entry.latency = max(0.0, ack.time - entry.written_at)
+                self.engine.note_applied(ack.version, ack.epoch)
                 self.events.info(
                     "config_applied",
                     version=ack.version,
@@ -679,9 +720,12 @@ class Supervisor:
                     "old": d.adjustment.previous,
                     "new": d.adjustment.weights,
                     "note": d.adjustment.note,
+                    "kind": d.kind,
                 }
                 for d in self.engine.decisions
             ],
+            "strategy": self.engine.strategy,
+            "verdicts": [v.to_dict() for v in self.engine.verdicts],
             "exit_code": outcome.status.exit_code,
             "exit": outcome.status.describe(),
             "signal": outcome.status.signal_name,
