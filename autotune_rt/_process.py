@@ -249,7 +249,8 @@ async def _poll_until(done: Callable[[], bool], timeout: float, interval: float 
 class _LineSplitter:
     """Cuts one stream's chunks into complete lines with bounded memory.
 
-    Lines longer than ``max_line_bytes`` are skipped up to the next newline. With needles,
+    Both ``\n`` and ``\r`` end a line here (the parser only ever reads the text after the
+    last ``\r``). Lines longer than ``max_line_bytes`` are skipped up to the next newline. With needles,
     a run of complete lines that holds none of them costs one ``bytes.find`` per needle.
     """
 
@@ -267,6 +268,10 @@ class _LineSplitter:
 
     def feed(self, chunk: bytes) -> None:
         """Take the next chunk of the stream."""
+        if b"\r" in chunk:
+            # A carriage return redraws the line, so what follows it is a line of its own: an
+            # epoch line printed after a long progress bar must not drown in the bar.
+            chunk = chunk.replace(b"\r", b"\n")
         pos = 0
         if self._skipping:
             pos = chunk.find(b"\n") + 1
@@ -913,7 +918,9 @@ class ChildProcess:
                 await _poll_until(lambda: not self._leftovers(), deadline - loop.time())
             if self._tree_alive():
                 await self._kill_tree()
-        return await self.wait()
+        status = await self.wait()
+        self._known.clear()
+        return status
 
     async def _finish(self) -> ExitStatus:
         assert self._exit_task is not None
@@ -930,7 +937,8 @@ class ChildProcess:
                     stream.writer.stop()
             self._close_log()
             self._finished = True
-            self._known.clear()
+            if self._terminate_task is None:  # terminate() still needs the descendants it saw
+                self._known.clear()
             self._cpu_cache.clear()
         return status
 

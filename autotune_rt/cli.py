@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from autotune_rt import __version__
-from autotune_rt.console import detect_lang
+from autotune_rt.console import detect_lang, silence
 from autotune_rt.diagnose import MetricNames, Thresholds
 from autotune_rt.exceptions import AutotuneError, ConfigError, LaunchError
 from autotune_rt.settings import Settings, build_command, check_command
@@ -480,6 +480,12 @@ def _guard(func: object, argv: list[str], prog: str) -> int:
         return USAGE_ERROR
     except KeyboardInterrupt:
         return 130
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # a closed pipe must not turn the exit code into 120
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                silence(stream)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

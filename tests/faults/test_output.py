@@ -74,11 +74,6 @@ def test_huge_line_and_progress_bar_pass_through(huge_run: tuple[Finished, Path]
     assert 0 in epochs_of(run_dir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_LineSplitter drops the whole \\r-joined line over max_line_bytes, so a metric line "
-    "printed after a long tqdm(leave=False) bar on the same stream is never parsed",
-)
 def test_metric_line_after_a_long_progress_bar_is_parsed(huge_run: tuple[Finished, Path]) -> None:
     """A metric line that follows a 400 KiB \\r progress bar on the same line is still parsed."""
     _, run_dir = huge_run
@@ -189,14 +184,7 @@ def check_tuned_to_the_end(run_dir: Path, epochs: int) -> None:
     [
         "never-reads",
         "closed-after-one-line",
-        pytest.param(
-            "stderr-too-closed",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Console.say swallows EPIPE but its text stays in sys.stderr's buffer; the final "
-                "flush at exit fails and the supervisor exits 120 instead of the training's code",
-            ),
-        ),
+        "stderr-too-closed",
     ],
 )
 def test_supervisor_stdout_unread_or_closed(tmp_path: Path, reader: str) -> None:

@@ -143,16 +143,7 @@ LONG_GRACE = 3.0
     [
         ("exits", "group", GRACE),
         ("signalled", "group", GRACE),
-        pytest.param(
-            "signalled",
-            "own",
-            LONG_GRACE,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ChildProcess._finish clears _known while _terminate's grace runs, so a "
-                "grandchild in its own session survives when --grace_period > 2 s",
-            ),
-        ),
+        ("signalled", "own", LONG_GRACE),
     ],
     ids=["child-exits", "sigterm", "sigterm-own-session-grandchild"],
 )
