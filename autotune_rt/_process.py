@@ -262,8 +262,9 @@ class _LineSplitter:
         self._max = max_line_bytes
         self._partial = bytearray()
         self._skipping = False
+        self.too_long = 0  # lines holding a needle that were too long to hand over
 
-    def _wanted(self, line: bytes) -> bool:
+    def _wanted(self, line: bytes | bytearray) -> bool:
         return not self._needles or any(needle in line for needle in self._needles)
 
     def feed(self, chunk: bytes) -> None:
@@ -287,6 +288,8 @@ class _LineSplitter:
                 line = bytes(self._partial) + chunk[pos:end]
                 if self._wanted(line):
                     self._emit(line)
+            elif self._wanted(self._partial):
+                self.too_long += 1
             self._partial.clear()
             pos = end + 1
         last = chunk.rfind(b"\n", pos)
@@ -297,6 +300,8 @@ class _LineSplitter:
                 for line in chunk[pos:last].split(b"\n"):
                     if len(line) <= self._max:
                         self._emit(line)
+                    else:
+                        self.too_long += 1
             pos = last + 1
         self._keep(chunk, pos)
 
@@ -311,10 +316,14 @@ class _LineSplitter:
             end = chunk.find(b"\n", hit, stop + 1)
             if end - begin <= self._max:
                 self._emit(chunk[begin:end])
+            else:
+                self.too_long += 1
             start = end + 1
 
     def _keep(self, chunk: bytes, pos: int) -> None:
         if len(self._partial) + len(chunk) - pos > self._max:
+            if self._wanted(self._partial) or self._wanted(chunk[pos : pos + self._max]):
+                self.too_long += 1
             self._partial.clear()
             self._skipping = True
         else:
@@ -604,6 +613,11 @@ class ChildProcess:
     def dropped_terminal_bytes(self) -> int:
         """Bytes not echoed because a terminal was too slow or closed (train.log has them)."""
         return sum(s.writer.dropped for s in self._streams if s.writer is not None)
+
+    @property
+    def too_long_lines(self) -> int:
+        """Lines holding a needle that were longer than ``max_line_bytes``, never handed over."""
+        return sum(s.splitter.too_long for s in self._streams if s.splitter is not None)
 
     @property
     def exit_status(self) -> ExitStatus | None:

@@ -235,6 +235,21 @@ class TuningEngine:
         if self.adaptive is not None:
             self.adaptive.start(decision.adjustment, decision.epoch, decision.kind)
 
+    def undo(self, decision: Decision) -> None:
+        """Take back *decision*: the caller could not deliver it (the control file write failed).
+
+        The weights in effect stay those before it, it is not judged, and the trigger may fire
+        again after its cooldown.
+
+        Args:
+            decision: The decision :meth:`observe` just returned.
+        """
+        self.weights = dict(decision.adjustment.previous)
+        if decision in self.decisions:
+            self.decisions.remove(decision)
+        if self.adaptive is not None:
+            self.adaptive.abandon(decision.adjustment)
+
     def _take_verdict(self) -> Verdict | None:
         verdict, self._unreported = self._unreported, None
         return verdict

@@ -312,6 +312,17 @@ class AdaptiveStrategy:
         )
         self.visited.add(_key(adjustment.weights))
 
+    def abandon(self, adjustment: Adjustment) -> None:
+        """Forget the change just started: the training never received it (a failed write)."""
+        self._same_weights_write = False
+        current = self._configs[-1]
+        if (
+            len(self._configs) > 1
+            and current.start is None
+            and _key(current.weights) == _key(adjustment.weights)
+        ):
+            self._configs.pop()
+
     # -- verdicts -------------------------------------------------------------------------
     @property
     def busy(self) -> bool:

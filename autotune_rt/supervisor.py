@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -102,6 +103,7 @@ class RunOutcome:
     last_lines: list[str]
     epochs_parsed: int
     stopped_early: bool = False
+    rejected_lines: int = 0
 
 
 @dataclass
@@ -147,6 +149,7 @@ class ChildRun:
         self._started = time.monotonic()
         self.parser = LineParser(key_value=settings.key_value, pattern=settings.metric_regex)
         self.epochs_parsed = 0
+        self._unparsed = 0
         self._engine_errors: set[str] = set()
         self._warned_missing_metric = False
         self._signals = _SignalState()
@@ -167,6 +170,7 @@ class ChildRun:
     def _on_line(self, stream: str, raw: bytes) -> None:
         metrics = self.parser.parse(raw)
         if metrics is None:
+            self._unparsed += 1
             return
         try:
             self._observe(metrics)
@@ -302,6 +306,7 @@ class ChildRun:
             signal=status.signal_name,
             description=status.describe(),
             epochs=self.epochs_parsed,
+            rejected_lines=self.rejected_lines,
             dropped_terminal_bytes=self.child.dropped_terminal_bytes,
             last_lines=self.child.last_lines(20) if status.exit_code != 0 else [],
         )
@@ -313,7 +318,14 @@ class ChildRun:
             last_lines=self.child.last_lines(20),
             epochs_parsed=self.epochs_parsed,
             stopped_early=self._stop_requested,
+            rejected_lines=self.rejected_lines,
         )
+
+    @property
+    def rejected_lines(self) -> int:
+        """Metric-looking lines (holding a needle such as ``{``) that did not parse, or were too
+        long to try."""
+        return self._unparsed + self.child.too_long_lines
 
     @property
     def child_command(self) -> list[str]:
@@ -538,11 +550,22 @@ class Supervisor:
         """
         assert self.events is not None
         final = self.control.last_written
-        if final is not None:
-            (self.run_dir / "final_config.json").write_text(final.model_dump_json(indent=2) + "\n")
-        for path in (self.control.path, self.control.ack_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        try:
+            if final is not None:
+                (self.run_dir / "final_config.json").write_text(final.model_dump_json(indent=2) + "\n")
+            current = self.control.read()
+            ours = final is not None and current is not None and current.run_id == final.run_id
+            for path in (self.control.path, self.control.ack_path):
+                if path == self.control.ack_path or ours:
+                    _unlink_own_file(path)
+        except OSError as exc:  # never let cleanup cost the user the summary
+            self.events.warning("config_file_kept", path=str(self.control.path), error=str(exc))
+            return
+        if not ours:
+            self.events.warning(
+                "config_file_kept", path=str(self.control.path), error="not the file this run wrote"
+            )
+            return
         self.events.info(
             "config_file_removed",
             path=str(self.control.path),
@@ -553,14 +576,17 @@ class Supervisor:
     def handle_decision(self, decision: Decision) -> None:
         """Write the decision's weights to the control file (override to do more)."""
         adjustment = decision.adjustment
-        self._write(
+        written = self._write(
             adjustment.weights,
             reason=adjustment.reason,
             epoch=decision.epoch,
             previous=adjustment.previous,
             note=adjustment.note,
         )
-        self.console.say("new_config", weights=format_weights(adjustment.weights))
+        if written:
+            self.console.say("new_config", weights=format_weights(adjustment.weights))
+        else:  # the training keeps the weights it has: so must our bookkeeping
+            self.engine.undo(decision)
 
     def _write(
         self,
@@ -570,14 +596,15 @@ class Supervisor:
         epoch: int | None,
         previous: Weights | None = None,
         note: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """Write *weights* as a new version; False (logged, never raised) when that failed."""
         assert self.events is not None
         try:
             config = self.control.write(weights, reason=reason, epoch=epoch)
         except ChannelError as exc:
             self.events.error("config_write_failed", error=str(exc), reason=reason, weights=weights)
             self.console.say("write_failed", error=exc)
-            return
+            return False
         self.engine.config_version = config.version
         self.versions.append(_Version(config.version, dict(weights), reason, epoch, time.time()))
         self.events.info(
@@ -590,6 +617,7 @@ class Supervisor:
             note=note,
             path=str(self.control.path),
         )
+        return True
 
     # -- acknowledgements, manual edits, deletions -----------------------------------------
     def _on_channel_event_threadsafe(self, event: ChannelEvent) -> None:
@@ -709,6 +737,7 @@ class Supervisor:
             "best_metric": tracker.best,
             "best_epoch": tracker.best_epoch,
             "epochs": outcome.epochs_parsed,
+            "rejected_lines": outcome.rejected_lines,
             "last_epoch": tracker.last_epoch,
             "final_weights": self.engine.weights,
             "versions": versions,
@@ -735,6 +764,16 @@ class Supervisor:
             "config_file": str(self.control.path),
             "run_dir": str(self.run_dir),
         }
+
+
+def _unlink_own_file(path: Path) -> None:
+    """Remove *path* if it is a regular file of ours; anything else someone planted stays."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+        path.unlink()
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import pickle
 import shutil
@@ -421,3 +422,19 @@ def processes_mentioning(marker: str) -> list[int]:
         if info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(info["cmdline"] or ()):
             found.append(int(info["pid"]))
     return found
+
+
+def strip_console(stderr: bytes) -> bytes:
+    """*stderr* without the supervisor's own console lines (any language), wherever they landed."""
+    from autotune_rt.console import MESSAGES
+
+    patterns = []
+    for texts in MESSAGES.values():
+        for template in texts.values():
+            parts = re.split(r"\{[^}]*\}", template)
+            if not parts[0]:  # a leading placeholder is empty in realtime mode; a wildcard
+                parts = parts[1:]  # at the start would be quadratic on a long line
+            patterns.append("[^\n]*?".join(re.escape(part) for part in parts))
+    # Tables and the demo story are printed in batch/demo mode only; realtime prints messages.
+    console = re.compile(("(?:" + "|".join(patterns) + ")\n").encode())
+    return console.sub(b"", stderr)

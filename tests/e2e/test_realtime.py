@@ -20,6 +20,7 @@ from tests.support import (
     cli_env,
     read_events,
     run_cli,
+    strip_console,
     wait_for,
     write_script,
 )
@@ -143,7 +144,10 @@ def test_client_helper_acknowledges_with_latency(tmp_path: Path) -> None:
     applied = [e for e in events if e["event"] == "config_applied"]
     written = [e for e in events if e["event"] == "config_written"]
     assert len(written) >= 2
-    assert {e["version"] for e in applied} == {e["version"] for e in written}
+    # A version written during one of the last epochs may never be read: the training ended.
+    settled = {e["version"] for e in written if e["epoch"] is None or e["epoch"] <= 57}
+    assert settled <= {e["version"] for e in applied}
+    assert {e["version"] for e in applied} <= {e["version"] for e in written}
     assert all(e["latency_s"] >= 0 for e in applied)
     assert "config_not_acknowledged" not in [e["event"] for e in events]
     assert "Training applied config version 2" in result.stderr.decode()
@@ -327,7 +331,8 @@ def test_hostile_output_passes_through_and_still_tunes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     expected = subprocess.run([sys.executable, str(tmp_path / "train.py")], capture_output=True)
     assert result.stdout == expected.stdout
-    assert result.stderr.startswith(expected.stderr[:1000]) or expected.stderr in result.stderr
+    # The supervisor's own console lines share stderr with the child's, anywhere between its chunks.
+    assert strip_console(result.stderr) == expected.stderr
     log = (tmp_path / "run" / "train.log").read_bytes()
     assert len(log) == len(expected.stdout) + len(expected.stderr)
     events = read_events(tmp_path / "run")

@@ -283,11 +283,6 @@ def test_disk_full_during_a_control_file_write(tmp_path: Path) -> None:
     assert [e["version"] for e in written][:2] == [1, 2]  # and wrote again once the disk had room
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TuningEngine.observe adopts the new weights before the supervisor writes them; a failed "
-    "write leaves engine.weights (next 'old', summary final_weights) ahead of the training",
-)
 def test_failed_write_leaves_the_weights_in_effect(tmp_path: Path) -> None:
     """After a failed write the supervisor still reports the weights the training really uses."""
     with (
@@ -358,14 +353,7 @@ PLANTED_MESSAGES = {
     [
         "symlink",
         "other-owner",
-        pytest.param(
-            "directory",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Supervisor._retire_control_file unlinks whatever is at the control path: a "
-                "directory there raises IsADirectoryError, so no summary and exit code 1",
-            ),
-        ),
+        "directory",
     ],
 )
 def test_planted_control_file_mid_run(tmp_path: Path, plant: str) -> None:
