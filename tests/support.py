@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
