@@ -553,17 +553,16 @@ class Supervisor:
         try:
             if final is not None:
                 (self.run_dir / "final_config.json").write_text(final.model_dump_json(indent=2) + "\n")
-            current = self.control.read()
-            ours = final is not None and current is not None and current.run_id == final.run_id
-            for path in (self.control.path, self.control.ack_path):
-                if path == self.control.ack_path or ours:
-                    _unlink_own_file(path)
+            # This run held the path's lock all along: a regular file of ours there is its control
+            # file (or a hand edit it adopted). Anything else someone planted is left alone.
+            removed = _unlink_own_file(self.control.path)
+            _unlink_own_file(self.control.ack_path)
         except OSError as exc:  # never let cleanup cost the user the summary
             self.events.warning("config_file_kept", path=str(self.control.path), error=str(exc))
             return
-        if not ours:
+        if not removed:
             self.events.warning(
-                "config_file_kept", path=str(self.control.path), error="not the file this run wrote"
+                "config_file_kept", path=str(self.control.path), error="not a regular file of ours"
             )
             return
         self.events.info(
@@ -766,14 +765,16 @@ class Supervisor:
         }
 
 
-def _unlink_own_file(path: Path) -> None:
-    """Remove *path* if it is a regular file of ours; anything else someone planted stays."""
+def _unlink_own_file(path: Path) -> bool:
+    """Remove *path* if it is a regular file of ours (True); anything else someone planted stays."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return True
     if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
         path.unlink()
+        return True
+    return False
 
 
 @dataclass
