@@ -37,11 +37,11 @@ from autotune_rt.console import Console, format_weights
 from autotune_rt.diagnose import Diagnosis, diagnose
 from autotune_rt.engine import Decision
 from autotune_rt.exceptions import ChannelError, ConfigError
+from autotune_rt.session import ChildRun, build_engine, make_tuner, new_run_id
 from autotune_rt.settings import Settings, default_run_dir
-from autotune_rt.space import Weights, load_search_space
+from autotune_rt.space import Weights
 from autotune_rt.strategy import judge_trial
-from autotune_rt.supervisor import ChildRun, build_engine, new_run_id
-from autotune_rt.tuner import AutoTuner, load_tuner_class
+from autotune_rt.tuner import AutoTuner
 
 __all__ = ["BatchRunner", "Trial", "run_batch", "trial_command"]
 
@@ -121,12 +121,7 @@ class BatchRunner:
         self.console = console or Console(settings.lang)
         self._stdout = stdout
         self._stderr = stderr
-        if tuner is None:
-            space = load_search_space(settings.search_space) if settings.search_space else None
-            tuner_cls = load_tuner_class(settings.tuner) if settings.tuner else AutoTuner
-            tuner = tuner_cls(space, seed=settings.seed)
-        self.tuner = tuner
-        tuner.search_space.check_initial(settings.weights)
+        self.tuner = tuner if tuner is not None else make_tuner(settings)
         self.trials: list[Trial] = []
         self.next_weights: Weights = dict(settings.weights)
         self.run_id = new_run_id()

@@ -710,8 +710,10 @@ def format_status(state: RunState) -> str:
         out.append(_row("diagnosis", f"{where}epoch {d.get('epoch')} {d.get('problem')}: {facts}".rstrip()))
     w = state.last_warning
     if w is not None:
-        detail = " ".join(f"{k}={_value(v)}" for k, v in w.items() if k not in ("ts", "level", "event"))
-        out.append(_row("warning", f"{_clock(w.get('ts'))} {w.get('event')} {detail}".rstrip()))
+        # One line, as `tail` shows it: a warning can carry whole weight sets (a rollback).
+        line = format_event(w)
+        room = WIDTH - LABEL
+        out.append("warning".ljust(LABEL) + (line if len(line) <= room else line[: room - 1] + "…"))
     if state.trials:
         best = f"best: trial {state.best_trial}" if state.best_trial else "no trial has a metric yet"
         out.append(_row("trials", f"{len(state.trials)} of {state.max_trials or '?'}; {best} (*)"))
