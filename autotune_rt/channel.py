@@ -18,7 +18,15 @@ from types import TracebackType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -122,7 +130,9 @@ def _read_safely(path: Path) -> bytes | None:
         trusted = st.st_uid in (os.geteuid(), 0) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if not stat.S_ISREG(st.st_mode) or not trusted or st.st_size > _MAX_BYTES:
             return None
-        return os.read(fd, _MAX_BYTES)
+        # Not a 1 MiB buffer for a 200-byte file on every epoch; the extra byte makes a file
+        # that grew since fstat (an edit in place) read short and fail to parse, like a torn one.
+        return os.read(fd, min(st.st_size + 1, _MAX_BYTES))
     except OSError:
         return None
     finally:
@@ -534,7 +544,15 @@ class _Handler(FileSystemEventHandler):
         self.watcher._dispatch(event.event_type, os.fsdecode(event.src_path), os.fsdecode(event.dest_path))
 
 
+# The events a change of the control or ack file arrives as. Opens, reads and in-place
+# modifications of *other* files in the directory (/tmp is busy) would wake the watcher for
+# nothing; a write by hand ends with a close, which inotify reports.
+_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent]
+
+
 def _start_observer(observer: BaseObserver, handler: _Handler, directory: str) -> BaseObserver:
-    observer.schedule(handler, directory, recursive=False)
+    # Polling sees no closes: it reports a changed file as modified.
+    events = [*_EVENTS, FileModifiedEvent] if isinstance(observer, PollingObserver) else _EVENTS
+    observer.schedule(handler, directory, recursive=False, event_filter=events)
     observer.start()
     return observer

@@ -97,6 +97,10 @@ class Verdict:
         }
 
 
+# How often (in counted epochs) the history is compacted; also the least it drops at once.
+_COMPACT_EVERY = 1024
+
+
 def _best(values: Iterable[float | None], mode: str) -> float | None:
     """The best finite value by the mode alone (no threshold); None when there is none."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
@@ -256,8 +260,35 @@ class AdaptiveStrategy:
             self._cancel("restart")
         if not observation.duplicate:
             self._history.append(_Entry(observation.epoch, observation.value))
+            if len(self._history) % _COMPACT_EVERY == 0:
+                self._compact()
         elif observation.value is not None and self._history and self._history[-1].value is None:
             self._history[-1].value = observation.value
+
+    def _compact(self) -> None:
+        """Keep memory flat over millions of epochs.
+
+        A judgement reads the current config's window and the best value of the config
+        before it, nothing older: epochs before the previous config's first one are dropped
+        (every stored index moves down with them), and once the current config is settled its
+        epochs between the first and the last fold into one entry holding their best value.
+        """
+        current = self._configs[-1]
+        settled = current.cancelled is not None or current.verdict is not None or not current.judged
+        if current.start is not None and settled and len(self._history) - current.start > 2:
+            middle = self._history[current.start + 1 : -1]
+            best = _best((e.value for e in middle), self.tracker.mode)
+            self._history[current.start + 1 : -1] = [_Entry(middle[0].epoch, best)]
+        if len(self._configs) < 2 or self._configs[-2].start is None:
+            return
+        drop = min(self._configs[-2].start, current.decided_at, current.start or current.decided_at)
+        if drop < _COMPACT_EVERY:
+            return
+        del self._history[:drop]
+        for config in self._configs:  # configs older than the last two are never indexed again
+            config.decided_at -= drop
+            if config.start is not None:
+                config.start -= drop
 
     def note_version(self, version: int, weights: Weights, epoch: int | None) -> None:
         """Attribute a written config version; an unexpected new one is a manual edit.

@@ -81,6 +81,10 @@ class Supervisor:
         if self.recovered is not None:
             self.control.version = self.recovered.version  # the sequence goes on, never backwards
         self.versions: list[_Version] = []
+        # Versions written and not yet acknowledged, oldest first; an ack of a version
+        # supersedes every older one (the training may skip a version it never saw).
+        self._pending: dict[int, _Version] = {}
+        self._ack_signature: tuple[int, int, int] | None = None
         self._stdout = stdout
         self._stderr = stderr
         self._warned_unacked = False
@@ -233,7 +237,7 @@ class Supervisor:
             self.console.say("write_failed", error=exc)
             return False
         self.engine.config_version = config.version
-        self.versions.append(_Version(config.version, dict(weights), reason, epoch, time.time()))
+        self._add_version(_Version(config.version, dict(weights), reason, epoch, time.time()))
         self.events.info(
             "config_written",
             version=config.version,
@@ -268,7 +272,7 @@ class Supervisor:
             old = dict(self.engine.weights)
             self.engine.weights.update(new)
             self.engine.config_version = event.config.version
-            self.versions.append(
+            self._add_version(
                 _Version(
                     event.config.version,
                     dict(self.engine.weights),
@@ -293,50 +297,63 @@ class Supervisor:
             self.events.warning("config_restored", version=self.control.version, path=str(self.control.path))
             self.console.say("config_restored", path=self.control.path, version=self.control.version)
 
+    def _add_version(self, entry: _Version) -> None:
+        self.versions.append(entry)
+        self._pending[entry.version] = entry
+
     def _poll_ack(self) -> None:
+        """Take in the training's acknowledgement if it changed (one stat when it did not)."""
         assert self.events is not None
+        try:
+            st = os.stat(self.control.ack_path)
+        except OSError:
+            return
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if signature == self._ack_signature or not self._pending:
+            return
+        self._ack_signature = signature
         ack = self.control.read_ack()
         if ack is None or ack.version is None or ack.time is None:
             return
-        for entry in self.versions:
-            if entry.version == ack.version and entry.applied_epoch is None and entry.latency is None:
-                entry.applied_epoch = ack.epoch
-                entry.latency = max(0.0, ack.time - entry.written_at)
-                self.engine.note_applied(ack.version, ack.epoch)
-                self.events.info(
-                    "config_applied",
-                    version=ack.version,
-                    epoch=ack.epoch,
-                    latency_s=round(entry.latency, 4),
-                    pid=ack.pid,
-                )
-                if entry.reason != "initial":
-                    self.console.say(
-                        "config_applied", version=ack.version, epoch=ack.epoch, latency=entry.latency
-                    )
+        entry = self._pending.get(ack.version)
+        if entry is None:
+            return
+        for version in [v for v in self._pending if v <= ack.version]:
+            del self._pending[version]
+        entry.applied_epoch = ack.epoch
+        entry.latency = max(0.0, ack.time - entry.written_at)
+        self.engine.note_applied(ack.version, ack.epoch)
+        self.events.info(
+            "config_applied",
+            version=ack.version,
+            epoch=ack.epoch,
+            latency_s=round(entry.latency, 4),
+            pid=ack.pid,
+        )
+        if entry.reason != "initial":
+            self.console.say("config_applied", version=ack.version, epoch=ack.epoch, latency=entry.latency)
 
     def _on_epoch(self, metrics: EpochMetrics) -> None:
         self._poll_ack()
         last_epoch = self.engine.tracker.last_epoch
-        if self._warned_unacked or last_epoch is None or not self.versions:
+        if self._warned_unacked or last_epoch is None:
             return
-        for entry in self.versions:
-            if entry.latency is not None or entry.reason == "manual_override":
-                continue
-            since = last_epoch - (entry.written_epoch if entry.written_epoch is not None else -1)
-            if since > self.settings.ack_epochs:
-                self._warned_unacked = True
-                assert self.events is not None
-                self.events.warning(
-                    "config_not_acknowledged",
-                    version=entry.version,
-                    epochs=since - 1,
-                    path=str(self.control.path),
-                )
-                self.console.say(
-                    "not_acknowledged", path=self.control.path, version=entry.version, epochs=since - 1
-                )
-                return
+        oldest = next((e for e in self._pending.values() if e.reason != "manual_override"), None)
+        if oldest is None:
+            return
+        since = last_epoch - (oldest.written_epoch if oldest.written_epoch is not None else -1)
+        if since > self.settings.ack_epochs:
+            self._warned_unacked = True
+            assert self.events is not None
+            self.events.warning(
+                "config_not_acknowledged",
+                version=oldest.version,
+                epochs=since - 1,
+                path=str(self.control.path),
+            )
+            self.console.say(
+                "not_acknowledged", path=self.control.path, version=oldest.version, epochs=since - 1
+            )
 
     def _on_tick(self) -> None:
         self._restore()

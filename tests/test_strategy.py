@@ -380,3 +380,29 @@ def test_verdict_to_dict_is_plain_data() -> None:
     assert data["window"] == [4, 6] and data["previous_epochs"] == [0, 3]
     assert data["moves"] == [["lambda_col", 1], ["lambda_scl", 1]]
     assert data["weights"]["lambda_col"] == 0.4 and data["previous"] == DEFAULT_WEIGHTS
+
+
+def noisy_training(weights: Weights, epoch: int) -> float:
+    """A metric that depends on the weights and wobbles from epoch to epoch."""
+    return round(0.3 + weights["lambda_col"] * 0.4 + 0.02 * math.sin(epoch * 1.7), 4)
+
+
+def test_compacting_the_history_changes_no_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long runs keep a bounded history, and the verdicts and decisions equal those of an unbounded one."""
+    import autotune_rt.strategy as strategy_module
+
+    def simulate(compact_every: int) -> tuple[list[object], list[object], int]:
+        monkeypatch.setattr(strategy_module, "_COMPACT_EVERY", compact_every)
+        training = Training(adaptive_engine(), noisy_training, acks=True)
+        training.run(range(6000))
+        adaptive = training.engine.adaptive
+        assert adaptive is not None
+        decisions = [(d.epoch, d.kind, d.adjustment.weights) for d in training.decisions]
+        verdicts = [(v.outcome, v.window, v.window_best, v.previous_best) for v in training.verdicts]
+        return decisions, verdicts, len(adaptive._history)
+
+    unbounded = simulate(10**9)
+    compacted = simulate(16)
+    assert compacted[:2] == unbounded[:2]
+    assert len(unbounded[0]) > 50  # the run really kept deciding
+    assert unbounded[2] == 6000 and compacted[2] < 200
