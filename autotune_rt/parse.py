@@ -71,7 +71,7 @@ _LAUNCHER_RE = re.compile(
 # Bounded whitespace: three adjacent unbounded `\s*` would backtrack quadratically on a long run
 # of spaces after `epoch 1`.
 _EPOCH_SRC = (
-    r"\bepoch\s{0,8}([0-9]{1,9})(?:\s{0,8}/\s{0,8}[0-9]{1,9})?\s{0,8}(?:\[[^\[\]\n]{0,64}\])?\s{0,8}:"
+    r"\bepoch\s{0,8}([0-9]{1,9})(?:\s{0,8}/\s{0,8}([0-9]{1,9}))?\s{0,8}(?:\[[^\[\]\n]{0,64}\])?\s{0,8}:"
 )
 _EPOCH_RE = re.compile(_EPOCH_SRC, re.IGNORECASE)
 _EPOCH_BEFORE_DICT_RE = re.compile(_EPOCH_SRC + r"\s*\Z", re.IGNORECASE)
@@ -94,10 +94,12 @@ class EpochMetrics:
             nested dicts are flattened with '.' (`val.acc`).
         epoch: From the `Epoch N[...]:` prefix, else from the line's own `epoch` value when it
             is a whole number; None otherwise (e.g. Hugging Face's fractional `epoch: 0.5`).
+        total: The epoch count when the line says it (`Epoch 3/50:`); None otherwise.
     """
 
     metrics: dict[str, float]
     epoch: int | None
+    total: int | None = None
 
 
 class _Malformed(Exception):
@@ -299,13 +301,14 @@ def _parse_dict_line(text: str) -> EpochMetrics | None:
             return None
         prefix = _EPOCH_BEFORE_DICT_RE.search(text, max(0, start - _PREFIX_WINDOW), start)
         epoch = int(prefix.group(1)) if prefix else _as_epoch(metrics.get("epoch"))
-        return EpochMetrics(metrics, epoch)
+        return EpochMetrics(metrics, epoch, _total(prefix))
     return None
 
 
 def _parse_key_values(text: str) -> EpochMetrics | None:
     prefix = _EPOCH_RE.search(text)
     epoch = int(prefix.group(1)) if prefix else None
+    total = _total(prefix)
     # Pairs inside the prefix (`Epoch 3[t=12]:`) describe the line, not the model.
     skip = range(prefix.start(), prefix.end()) if prefix else range(0)
     metrics: dict[str, float] = {}
@@ -315,7 +318,12 @@ def _parse_key_values(text: str) -> EpochMetrics | None:
             metrics[key] = float(value)
             if epoch is None and key.lower() == "epoch":
                 epoch = _as_epoch(metrics[key])
-    return EpochMetrics(metrics, epoch) if metrics else None
+    return EpochMetrics(metrics, epoch, total) if metrics else None
+
+
+def _total(prefix: re.Match[str] | None) -> int | None:
+    """The `M` of an `Epoch N/M:` prefix."""
+    return int(prefix.group(2)) if prefix is not None and prefix.group(2) else None
 
 
 def _parse_scalar(text: str) -> float | None:

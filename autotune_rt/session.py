@@ -223,6 +223,8 @@ class ChildRun:
     def _record_epoch(self, metrics: EpochMetrics, observation: Observation) -> None:
         tracker = self.engine.tracker
         self.epochs_parsed += 1
+        if metrics.total is not None:  # what the training prints beats what its command says
+            self.total_epochs = metrics.total
         self.events.info(
             "epoch",
             epoch=observation.epoch,

@@ -438,3 +438,18 @@ def test_decorated_lines_parse_like_plain_ones(
     assert expected is not None
     assert parse_line(decorated) == expected
     assert parse_line(decorated.encode()) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "total"),
+    [
+        ("Epoch 3/50: {'acc1': 0.5}", 50),
+        ("Epoch 3 / 50 [1.2s]: {'acc1': 0.5}", 50),
+        ("Epoch 3[1.2s]: {'acc1': 0.5}", None),
+        ("{'acc1': 0.5, 'epoch': 3}", None),
+    ],
+)
+def test_total_epoch_count_comes_from_the_prefix(line: str, total: int | None) -> None:
+    """`Epoch N/M:` gives the training's epoch count; other forms give none."""
+    parsed = parse_line(line)
+    assert parsed is not None and parsed.total == total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -211,3 +212,34 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
         return [(t["weights"], t["best_metric"], t["epochs"], t["status"]) for t in summary["trials"]]
 
     assert key(summary_of(tmp_path / "cut")) == key(summary_of(tmp_path / "full"))
+
+
+def test_progress_shows_trial_epoch_and_time_left(tmp_path: Path) -> None:
+    """Batch mode shows trial i/N, epoch e/E (from the training's --epochs) and the time left."""
+    write_script(tmp_path, "train.py", SEED_TRAIN)
+    result = run_cli(
+        [
+            "batch",
+            "--max_trials",
+            "2",
+            "--check_interval",
+            "0.2",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--",
+            "python",
+            "train.py",
+            "--epochs",
+            "30",
+            "--epoch_time",
+            "0.05",
+        ],
+        tmp_path,
+        env=BATCH_ENV,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 0, err[-2000:]
+    assert re.search(r"trial 1/2: epoch \d+/30, about \d+m\d\ds left", err)
+    assert re.search(r"trial 2/2: epoch \d+/30, about \d+m\d\ds left", err)
+    progress = [e for e in read_events(tmp_path / "run") if e["event"] == "progress"]
+    assert progress and all(e["epochs"] == 30 and e["left_s"] >= 0 for e in progress)
