@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,8 +141,13 @@ def channel_run(tmp_path: Path, action: str, *options: str, **kwargs: Any) -> Cl
 
 
 def client_warnings(log: bytes) -> list[str]:
-    """The lines ConfigReloader printed (into train.log, through the supervisor)."""
-    return [ln for ln in log.decode(errors="replace").splitlines() if ln.startswith("autotune-rt: ")]
+    """The lines ConfigReloader printed on stderr (into train.log, through the supervisor).
+
+    train.log interleaves the two streams chunk by chunk, as a terminal would: an unbuffered
+    ``print`` writes its text and its newline separately, so a stderr line can land between
+    them, in the middle of a stdout line.
+    """
+    return re.findall(r"autotune-rt: [^\n]*", log.decode(errors="replace"))
 
 
 # -- case 13: a second supervisor on the same control file -------------------------------------
