@@ -216,7 +216,7 @@ class BatchRunner:
             except ChannelError as exc:
                 self.events.error("config_write_failed", error=str(exc))
         self.events.info("trial_started", weights=weights, command=command, dir=str(trial_dir))
-        engine = build_engine(settings, self.tuner)
+        engine = build_engine(settings, self.tuner, weights)
         engine.trigger.max_adjustments = 1  # one diagnosis per trial: the next trial's move
         self._pending_decision = None
         env = dict(os.environ)

@@ -22,7 +22,7 @@ from autotune_rt.console import Console, format_weights
 from autotune_rt.engine import Decision, TuningEngine
 from autotune_rt.parse import EpochMetrics, LineParser
 from autotune_rt.settings import Settings
-from autotune_rt.space import load_search_space
+from autotune_rt.space import Weights, load_search_space
 from autotune_rt.tracker import MetricTracker, Observation
 from autotune_rt.trigger import Trigger
 from autotune_rt.tuner import AdaptiveTuner, AutoTuner, load_tuner_class
@@ -61,8 +61,16 @@ def make_tuner(settings: Settings) -> AutoTuner:
     return tuner
 
 
-def build_engine(settings: Settings, tuner: AutoTuner | None = None) -> TuningEngine:
-    """Wire tracker, trigger and tuner from *settings* (the same for both modes)."""
+def build_engine(
+    settings: Settings, tuner: AutoTuner | None = None, weights: Weights | None = None
+) -> TuningEngine:
+    """Wire tracker, trigger and tuner from *settings* (the same for both modes).
+
+    Args:
+        settings: The run's settings.
+        tuner: The tuner to use (batch mode shares one across trials); default: a new one.
+        weights: The weights the training starts with; default: the initial ones.
+    """
     if tuner is None:
         tuner = make_tuner(settings)
     tracker = MetricTracker(
@@ -80,7 +88,7 @@ def build_engine(settings: Settings, tuner: AutoTuner | None = None) -> TuningEn
         tracker,
         trigger,
         tuner,
-        dict(settings.weights),
+        dict(settings.weights if weights is None else weights),
         names=settings.names,
         thresholds=settings.thresholds,
         strategy=strategy,

@@ -87,6 +87,10 @@ def test_seed_batch_command_line_verbatim(tmp_path: Path) -> None:
     assert summary["best_metric"] == max(t["best_metric"] for t in trials)
     assert len({json.dumps(t["weights"], sort_keys=True) for t in trials}) == 5  # never the same twice
     assert trials[1]["weights"]["lambda_col"] == 0.4  # poor_tail raised it, as the seed says
+    # Trial 2 was better, so its own stagnation diagnosis moves on from its weights.
+    assert (trials[2]["weights"]["lambda_col"], trials[2]["weights"]["lambda_scl"]) == (0.5, 0.3)
+    candidates = [e for e in read_events(run_dir) if e["event"] == "candidate_config"]
+    assert all(e["old"] == trials[e["trial"] - 1]["weights"] for e in candidates)
     assert "--lambda_col 0.4" in " ".join(trials[1]["command"])
     for i in range(1, 6):
         assert (run_dir / f"trial_{i:03d}" / "train.log").read_bytes().count(b"Epoch ") == 50
