@@ -85,6 +85,21 @@ CLIENT_TRAIN = SEED_TRAIN.replace(_SNIPPET, "    reloader.apply(args.model, epoc
 )
 
 
+# The seed's command lines (seed-usage.zh.md), verbatim after `python auto_tune*.py`
+# (split with shlex.split).
+SEED_OPTIONS = """\
+--base_cmd train.py --base_args --task ICL --model ResNet1D_MoE --dataset mp20
+    --use_processed_npy --processed_data_dir /opt/data/private/xrd2c_data --dataset_name ccdc_sg
+    --rule_matrix_path /opt/data/private/ICL/rule_matrix.csv --device 0 --loss_scheme scheme2
+    --use_contrast_scheme2 --use_adamw --adjust_lr_strategy --epochs {epochs}
+    --lambda_dol 0.5 --lambda_col 0.3 --lambda_hier 1.5 --lambda_scl 0.2
+"""
+SEED_REALTIME_OPTIONS = SEED_OPTIONS.format(epochs=200) + (
+    "    --min_epochs 5 --patience 3 --check_interval 30.0 --config_file /tmp/auto_tune_config.json"
+)
+SEED_BATCH_OPTIONS = SEED_OPTIONS.format(epochs=50) + "    --max_trials 5 --min_epochs 10 --patience 5"
+
+
 def write_script(directory: Path, name: str, source: str) -> Path:
     """Write a training script and return its path."""
     path = directory / name

@@ -4,55 +4,25 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO, SEED_TRAIN, cli_env, read_events, run_cli, wait_for, write_script
+from tests.support import (
+    REPO,
+    SEED_BATCH_OPTIONS,
+    SEED_TRAIN,
+    cli_env,
+    read_events,
+    run_cli,
+    wait_for,
+    write_script,
+)
 
-SEED_BATCH = [
-    "--base_cmd",
-    "train.py",
-    "--base_args",
-    "--task",
-    "ICL",
-    "--model",
-    "ResNet1D_MoE",
-    "--dataset",
-    "mp20",
-    "--use_processed_npy",
-    "--processed_data_dir",
-    "/opt/data/private/xrd2c_data",
-    "--dataset_name",
-    "ccdc_sg",
-    "--rule_matrix_path",
-    "/opt/data/private/ICL/rule_matrix.csv",
-    "--device",
-    "0",
-    "--loss_scheme",
-    "scheme2",
-    "--use_contrast_scheme2",
-    "--use_adamw",
-    "--adjust_lr_strategy",
-    "--epochs",
-    "50",
-    "--lambda_dol",
-    "0.5",
-    "--lambda_col",
-    "0.3",
-    "--lambda_hier",
-    "1.5",
-    "--lambda_scl",
-    "0.2",
-    "--max_trials",
-    "5",
-    "--min_epochs",
-    "10",
-    "--patience",
-    "5",
-]
+SEED_BATCH = shlex.split(SEED_BATCH_OPTIONS)
 
 # Batch trainings take their weights from the command line only.
 BATCH_ENV = cli_env(SEED_CONFIG_FILE="/nonexistent/autotune-test.json")

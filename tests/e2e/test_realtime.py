@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from tests.support import (
     CLIENT_TRAIN,
     REPO,
+    SEED_REALTIME_OPTIONS,
     SEED_TRAIN,
     cli_env,
     read_events,
@@ -25,49 +27,7 @@ from tests.support import (
     write_script,
 )
 
-SEED_REALTIME = [
-    "--base_cmd",
-    "train.py",
-    "--base_args",
-    "--task",
-    "ICL",
-    "--model",
-    "ResNet1D_MoE",
-    "--dataset",
-    "mp20",
-    "--use_processed_npy",
-    "--processed_data_dir",
-    "/opt/data/private/xrd2c_data",
-    "--dataset_name",
-    "ccdc_sg",
-    "--rule_matrix_path",
-    "/opt/data/private/ICL/rule_matrix.csv",
-    "--device",
-    "0",
-    "--loss_scheme",
-    "scheme2",
-    "--use_contrast_scheme2",
-    "--use_adamw",
-    "--adjust_lr_strategy",
-    "--epochs",
-    "200",
-    "--lambda_dol",
-    "0.5",
-    "--lambda_col",
-    "0.3",
-    "--lambda_hier",
-    "1.5",
-    "--lambda_scl",
-    "0.2",
-    "--min_epochs",
-    "5",
-    "--patience",
-    "3",
-    "--check_interval",
-    "30.0",
-    "--config_file",
-    "/tmp/auto_tune_config.json",
-]
+SEED_REALTIME = shlex.split(SEED_REALTIME_OPTIONS)
 
 
 def only_run_dir(cwd: Path) -> Path:
