@@ -217,3 +217,50 @@ def test_progress_shows_trial_epoch_and_time_left(tmp_path: Path) -> None:
     assert re.search(r"trial 2/2: epoch \d+/30, about \d+m\d\ds left", err)
     progress = [e for e in read_events(tmp_path / "run") if e["event"] == "progress"]
     assert progress and all(e["epochs"] == 30 and e["left_s"] >= 0 for e in progress)
+
+
+def test_exhausted_space_is_said_and_the_batch_stops(tmp_path: Path) -> None:
+    """With only two points in the search space, the batch runs both, says so and stops early."""
+    write_script(tmp_path, "train.py", SEED_TRAIN)
+    space = tmp_path / "space.json"
+    space.write_text(
+        json.dumps(
+            {
+                "lambda_dol": [0.5],
+                "lambda_col": [0.3, 0.4],
+                "lambda_hier": [1.5],
+                "lambda_scl": [0.2],
+                "max_grad_norm": [1.0],
+            }
+        )
+    )
+    result = run_cli(
+        [
+            "batch",
+            "--max_trials",
+            "5",
+            "--min_epochs",
+            "3",
+            "--patience",
+            "2",
+            "--search_space",
+            str(space),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--",
+            "python",
+            "train.py",
+            "--epochs",
+            "8",
+            "--epoch_time",
+            "0",
+        ],
+        tmp_path,
+        env=BATCH_ENV,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 0, err[-2000:]
+    summary = summary_of(tmp_path / "run")
+    assert [t["weights"]["lambda_col"] for t in summary["trials"]] == [0.3, 0.4]
+    assert summary["space_exhausted"] is True
+    assert "Every configuration near the best one was already tried" in err
