@@ -22,9 +22,7 @@ import contextlib
 import json
 import math
 import os
-import random
 import shlex
-import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -464,6 +462,3 @@ def run_batch(settings: Settings, **kwargs: Any) -> int:
     """Run batch mode to the end (blocking); return the exit code."""
     runner = BatchRunner(settings, **kwargs)
     return asyncio.run(runner.run())
-
-
-_ = (random, signal)
