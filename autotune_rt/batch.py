@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ from autotune_rt.console import Console, format_weights
 from autotune_rt.diagnose import Diagnosis, diagnose
 from autotune_rt.engine import Decision
 from autotune_rt.exceptions import ChannelError, ConfigError
-from autotune_rt.session import ChildRun, build_engine, make_tuner, new_run_id
+from autotune_rt.session import FORWARDED_SIGNALS, ChildRun, build_engine, make_tuner, new_run_id
 from autotune_rt.settings import Settings, default_run_dir
 from autotune_rt.space import Weights
 from autotune_rt.strategy import judge_trial
@@ -183,13 +184,34 @@ class BatchRunner:
                 control = ControlFile(self.settings.config_file, self.run_id)
                 control.acquire()
             total = self.settings.max_trials
+            self._catch_signals(True)
             while len(self.trials) < total and not self.exhausted and not self.interrupted:
                 await self._run_trial(len(self.trials) + 1, total, control)
             return self._finish()
         finally:
+            self._catch_signals(False)
             if control is not None:
                 control.release()
             self.events.close()
+
+    def _catch_signals(self, on: bool) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED_SIGNALS:
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                if on:
+                    loop.add_signal_handler(sig, self._on_signal, sig)
+                else:
+                    loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        """The batch owns the signals for its whole run: a trial's child gets them forwarded,
+        and between trials they just end the batch (after its summary)."""
+        if self._current is not None:
+            self._current.on_signal(sig)
+            return
+        assert self.events is not None
+        self.interrupted = True
+        self.events.warning("signal_received", signal=signal.Signals(sig).name, between_trials=True)
 
     async def _run_trial(self, number: int, total: int, control: ControlFile | None) -> None:
         assert self.events is not None
@@ -237,6 +259,7 @@ class BatchRunner:
             stdout=self._stdout,
             stderr=self._stderr,
             label=f"trial {number}/{total}: ",
+            handle_signals=False,  # the batch owns them: see _on_signal
         )
         self._current = run
         started = time.monotonic()

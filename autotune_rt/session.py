@@ -132,6 +132,7 @@ class _SignalState:
     received: list[str] = field(default_factory=list)
     stopping: asyncio.Future[ExitStatus] | None = None
     killing: asyncio.Future[ExitStatus] | None = None
+    early: int | None = None  # a signal that came before the child had started
 
 
 class ChildRun:
@@ -157,6 +158,7 @@ class ChildRun:
         label: str = "",
         stdout: BinaryIO | None = None,
         stderr: BinaryIO | None = None,
+        handle_signals: bool = True,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -176,6 +178,7 @@ class ChildRun:
         self._signals = _SignalState()
         self._stop_requested = False
         self._stall_warned = False
+        self._handle_signals = handle_signals  # False: the caller owns them (batch)
         self._command = list(command)
         self.child = ChildProcess(
             command,
@@ -304,10 +307,12 @@ class ChildRun:
         loop = asyncio.get_running_loop()
         await self.child.start()
         self.events.info("child_started", pid=self.child.pid, command=self.child_command)
+        if self._signals.early is not None:
+            self._stop_with(self._signals.early)
         installed: list[int] = []
-        for sig in FORWARDED_SIGNALS:
+        for sig in FORWARDED_SIGNALS if self._handle_signals else ():
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-                loop.add_signal_handler(sig, self._on_signal, sig)
+                loop.add_signal_handler(sig, self.on_signal, sig)
                 installed.append(sig)
         health = asyncio.create_task(self._health_loop())
         try:
@@ -359,24 +364,29 @@ class ChildRun:
         """Stop the child gracefully (batch ``--stop_on_stagnation``)."""
         if self._signals.stopping is None:
             self._stop_requested = True
-            self._signals.stopping = asyncio.ensure_future(
-                self.child.terminate(self.settings.grace_period, signal.SIGTERM)
-            )
+            self._stop_with(signal.SIGTERM)
 
-    def _on_signal(self, sig: int) -> None:
+    def on_signal(self, sig: int) -> None:
+        """Forward *sig* to the training once; a second SIGINT kills the tree at once."""
         name = signal.Signals(sig).name
         first = not self._signals.received
         self._signals.received.append(name)
         self.events.warning("signal_received", signal=name, first=first)
+        if self.child.pid is None:  # not started yet: run() stops it as soon as it is
+            self._signals.early = self._signals.early or sig
+            return
         if first:
             self.console.say("signal", signal=name, grace=self.settings.grace_period)
-            if self._signals.stopping is None:
-                self._signals.stopping = asyncio.ensure_future(
-                    self.child.terminate(self.settings.grace_period, sig)
-                )
+            self._stop_with(sig)
         elif sig == signal.SIGINT:  # a second Ctrl-C: do not wait for the grace period
             self.events.warning("kill_now", reason="second SIGINT")
             self._signals.killing = asyncio.ensure_future(self.child.kill_now())
+
+    def _stop_with(self, sig: int) -> None:
+        if self._signals.stopping is None:
+            self._signals.stopping = asyncio.ensure_future(
+                self.child.terminate(self.settings.grace_period, sig)
+            )
 
     async def _health_loop(self) -> None:
         interval = self.settings.check_interval
