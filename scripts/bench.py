@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 
 import psutil  # type: ignore[import-untyped,unused-ignore]  # noqa: E402
 
-from autotune_rt._process import _LineSplitter  # noqa: E402  # the pre-filter exactly as the supervisor runs it
+from autotune_rt._streams import LineSplitter  # noqa: E402  # the pre-filter exactly as the supervisor runs it
 from autotune_rt.client import ConfigReloader  # noqa: E402
 from autotune_rt.parse import LineParser  # noqa: E402
 
@@ -615,7 +615,7 @@ def bench_parse(bench: Bench) -> list[Figure]:
 
         splitter_rates, split_rates = [], []
         for _ in range(5):
-            splitter = _LineSplitter(emit, parser.needles, 1 << 16)
+            splitter = LineSplitter(emit, parser.needles, 1 << 16)
             started = time.perf_counter()
             for chunk in chunks:
                 splitter.feed(chunk)
@@ -650,7 +650,7 @@ def bench_parse(bench: Bench) -> list[Figure]:
         ),
         Figure(
             "parse.prefilter_plain",
-            "needle pre-filter (_LineSplitter) over 64 KiB chunks of non-metric lines",
+            "needle pre-filter (LineSplitter) over 64 KiB chunks of non-metric lines",
             scan_plain,
             "lines/s",
             split_plain,

@@ -21,13 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autotune_rt._process import (
-    ChildProcess,
-    ExitStatus,
-    _LineSplitter,
-    _RecentLines,
-    check_launchable,
-)
+from autotune_rt._process import ChildProcess, ExitStatus, check_launchable
+from autotune_rt._streams import LineSplitter, RecentLines
 from autotune_rt.exceptions import LaunchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -774,7 +769,7 @@ def test_line_splitter_matches_a_plain_split(
     """However the stream is cut, the splitter yields the short lines (ended by \\n or \\r) holding
     a needle, in order."""
     got: list[bytes] = []
-    splitter = _LineSplitter(got.append, needles, max_line)
+    splitter = LineSplitter(got.append, needles, max_line)
     for chunk in chunked(data, cuts):
         splitter.feed(chunk)
     splitter.close()
@@ -790,7 +785,7 @@ def test_line_splitter_matches_a_plain_split(
 def test_recent_lines_keep_the_tail_of_the_last_lines(data: bytes, cuts: list[int], keep: int) -> None:
     """However the stream is cut, the ring holds the last lines, each cut to its last bytes."""
     ring: collections.deque[bytes] = collections.deque(maxlen=keep)
-    recent = _RecentLines(ring, 4)
+    recent = RecentLines(ring, 4)
     for chunk in chunked(data, cuts):
         recent.feed(chunk)
     unterminated = recent.close()
