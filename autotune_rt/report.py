@@ -15,18 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autotune_rt.exceptions import ConfigError
-from autotune_rt.views import (
+from autotune_rt.runs import (
     NOT_A_CHANGE,
-    SHORT_NAMES,
     EventReader,
     RunState,
     StateCollector,
     VersionRow,
-    command_parser,
     find_run_dir,
     require_events,
-    short_weights,
 )
+from autotune_rt.views import SHORT_NAMES, command_parser, short_weights
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -18,7 +18,8 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from autotune_rt.cli import main
-from autotune_rt.views import format_event, read_state
+from autotune_rt.runs import read_state
+from autotune_rt.views import format_event
 from tests.support import CLIENT_TRAIN, REPO, SEED_TRAIN, cli_env, run_cli, wait_for, write_script
 
 # Prints 12 epochs (the tuner changes the weights twice), then one endless epoch that keeps
