@@ -21,6 +21,7 @@ from tests.support import (
     SEED_TRAIN,
     cli_env,
     read_events,
+    realtime_args,
     run_cli,
     strip_console,
     wait_for,
@@ -117,24 +118,9 @@ def test_chinese_console(tmp_path: Path) -> None:
     """--lang zh prints the seed's Chinese wording."""
     write_script(tmp_path, "train.py", CLIENT_TRAIN)
     result = run_cli(
-        [
-            "realtime",
-            "--lang",
-            "zh",
-            "--min_epochs",
-            "5",
-            "--patience",
-            "3",
-            "--config_file",
-            str(tmp_path / "c.json"),
-            "--run_dir",
-            str(tmp_path / "run"),
-            "--",
-            "python",
-            "train.py",
-            "--epochs",
-            "20",
-        ],
+        realtime_args(
+            tmp_path, "--lang", "zh", "--min_epochs", "5", "--patience", "3", script_args=["--epochs", "20"]
+        ),
         tmp_path,
     )
     err = result.stderr.decode()
@@ -236,16 +222,7 @@ def test_child_killed_by_signal_exit_code(tmp_path: Path, sig: int) -> None:
     script = f"import os, signal\nprint('bye', flush=True)\nos.kill(os.getpid(), {int(sig)})\n"
     write_script(tmp_path, "train.py", script)
     result = run_cli(
-        [
-            "realtime",
-            "--config_file",
-            str(tmp_path / "c.json"),
-            "--run_dir",
-            str(tmp_path / "run"),
-            "--",
-            "python",
-            "train.py",
-        ],
+        realtime_args(tmp_path),
         tmp_path,
     )
     assert result.returncode == 128 + sig
@@ -272,20 +249,7 @@ def test_hostile_output_passes_through_and_still_tunes(tmp_path: Path) -> None:
     """A 3 MiB line, a long \\r progress bar, invalid UTF-8 and numpy reprs pass through byte for byte."""
     write_script(tmp_path, "train.py", HOSTILE)
     result = run_cli(
-        [
-            "realtime",
-            "--min_epochs",
-            "4",
-            "--patience",
-            "3",
-            "--config_file",
-            str(tmp_path / "c.json"),
-            "--run_dir",
-            str(tmp_path / "run"),
-            "--",
-            "python",
-            "train.py",
-        ],
+        realtime_args(tmp_path, "--min_epochs", "4", "--patience", "3"),
         tmp_path,
     )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
